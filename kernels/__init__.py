@@ -1,0 +1,12 @@
+"""Triton kernels of the MoE layer, one file per kernel with its launcher beside it.
+
+Imported as `moetune.kernels` (never as a top-level `kernels`).
+"""
+
+from .activation import silu_and_mul
+from .align import AlignedTokens, align_tokens, max_padded_rows
+from .grouped_gemm import grouped_gemm
+from .reduce import topk_sum
+from .routing import select_experts
+
+__all__ = ["AlignedTokens", "align_tokens", "grouped_gemm", "max_padded_rows", "select_experts", "silu_and_mul", "topk_sum"]

@@ -1,0 +1,153 @@
+"""The MoE grouped GEMM: each block of BLOCK_SIZE_M aligned rows times its expert's weight.
+
+One kernel serves both GEMMs of the layer:
+  GEMM 1: rows of hidden_states [M, K] (slot // topk) x w1[e]^T -> [M * topk, 2N], STORE.
+  GEMM 2: rows of the activation [M * topk, N] (slot)  x w2[e]^T -> K wide, times the
+          router weight, then either STORE into [M * topk, K] (the unfused variant, a
+          reduce kernel sums over top-k afterwards) or ATOMIC_ADD into out[M, K] (the
+          fused variant, out must be zeroed first).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moetune.device import interpreter_enabled
+
+from .align import AlignedTokens
+
+EPILOGUE_STORE = 0
+EPILOGUE_ATOMIC_ADD = 1
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # Pointers
+    a_ptr,  # [rows_a, K] activations; row of slot s is s // A_ROWS_PER_SLOT
+    b_ptr,  # [E, N, K] expert weights (output features, reduction)
+    c_ptr,  # STORE: [slots, N]; ATOMIC_ADD: [slots // topk, N]
+    topk_weights_ptr,  # [slots] router weights, read when MUL_ROUTED_WEIGHT
+    sorted_ids_ptr,  # [padded capacity] slot index per aligned row, `num_slots` = padding
+    expert_ids_ptr,  # [blocks] expert of each BLOCK_SIZE_M rows, -1 past the used range
+    padded_rows_ptr,  # [1] rows in use after alignment
+    # Sizes
+    N, K, capacity, num_slots,
+    # Strides
+    stride_am, stride_ak,
+    stride_be, stride_bn, stride_bk,
+    stride_cm, stride_cn,
+    # Scalar applied with the router weight (routed_scaling_factor)
+    weight_scale,
+    # Launch config
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+    # Problem switches
+    A_ROWS_PER_SLOT: tl.constexpr,  # topk for GEMM 1 (one hidden row per token), 1 for GEMM 2
+    TOPK: tl.constexpr,  # slots per output row of the ATOMIC_ADD epilogue
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,  # only under the interpreter, whose bf16 dot is wrong
+):
+    # Grouped ordering: GROUP_SIZE_M row blocks share the weight columns they stream, so
+    # consecutive programs hit the same tiles of b in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(capacity, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # The grid is sized for the worst case; blocks past the used range leave at once.
+    if pid_m * BLOCK_SIZE_M >= tl.load(padded_rows_ptr):
+        return
+
+    offs_row = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    slot = tl.load(sorted_ids_ptr + offs_row).to(tl.int64)
+    row_valid = slot < num_slots
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    # Wrap the column offsets instead of masking them: loads stay unmasked along N and
+    # the extra columns are dropped by the store mask.
+    offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)) % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + (slot[:, None] // A_ROWS_PER_SLOT) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+
+    if MUL_ROUTED_WEIGHT:
+        weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)
+        acc = acc * (weight * weight_scale)[:, None]
+
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    c_mask = row_valid[:, None] & (offs_cn[None, :] < N)
+    if EPILOGUE == 1:
+        # Relaxed ordering: the adds only need atomicity; acq_rel fences each one and
+        # made the fused layer slower than store + reduce.
+        c_ptrs = c_ptr + (slot[:, None] // TOPK) * stride_cm + offs_cn[None, :] * stride_cn
+        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask, sem="relaxed")
+    else:
+        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    aligned: AlignedTokens,
+    config: dict,
+    *,
+    topk: int,
+    a_rows_per_slot: int,
+    topk_weights: torch.Tensor | None = None,
+    weight_scale: float = 1.0,
+    atomic_add: bool = False,
+) -> torch.Tensor:
+    """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
+
+    `weights` is [E, N_out, K_in]; `out` is [slots, N_out] for STORE or [slots // topk,
+    N_out] for ATOMIC_ADD (zeroed by the caller). `config` holds the six launch keys;
+    its BLOCK_SIZE_M must be the one `aligned` was built with.
+    """
+    if config["BLOCK_SIZE_M"] != aligned.block_size_m:
+        raise ValueError(
+            f"config BLOCK_SIZE_M={config['BLOCK_SIZE_M']} differs from the alignment's {aligned.block_size_m}")
+    n_out, k_in = weights.shape[1], weights.shape[2]
+    capacity = aligned.sorted_ids.numel()
+    num_slots = out.shape[0] * (topk if atomic_add else 1)
+    grid = (triton.cdiv(capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(n_out, config["BLOCK_SIZE_N"]),)
+    _grouped_gemm_kernel[grid](
+        a, weights, out, topk_weights if topk_weights is not None else a,
+        aligned.sorted_ids, aligned.expert_ids, aligned.padded_rows,
+        n_out, k_in, capacity, num_slots,
+        a.stride(0), a.stride(1),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        out.stride(0), out.stride(1),
+        float(weight_scale),
+        BLOCK_SIZE_M=config["BLOCK_SIZE_M"], BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
+        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        A_ROWS_PER_SLOT=a_rows_per_slot, TOPK=topk,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        EPILOGUE=EPILOGUE_ATOMIC_ADD if atomic_add else EPILOGUE_STORE,
+        # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting there
+        # is exact, and compiled kernels never take this path.
+        DOT_IN_FP32=interpreter_enabled() and a.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out

@@ -1,0 +1,46 @@
+"""Top-k sum of the unfused variant: out[m] = sum_k cache[m, k], accumulated in fp32.
+
+Slots whose expert id is outside [0, E) were never written by GEMM 2 (the expert lives on
+another rank), so they are skipped rather than read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _topk_sum_kernel(
+    cache_ptr,  # [M, TOPK, K]
+    topk_ids_ptr,  # [M, TOPK]
+    out_ptr,  # [M, K]
+    K, num_experts,
+    stride_cm, stride_ck,
+    stride_om,
+    TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, BLOCK_TOPK)
+    expert = tl.load(topk_ids_ptr + m * TOPK + offs_t, mask=offs_t < TOPK, other=-1)
+    slot_ok = (offs_t < TOPK) & (expert >= 0) & (expert < num_experts)
+    ptrs = cache_ptr + m * stride_cm + offs_t[:, None] * stride_ck + offs_k[None, :]
+    vals = tl.load(ptrs, mask=slot_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+    total = tl.sum(vals.to(tl.float32), axis=0)
+    tl.store(out_ptr + m * stride_om + offs_k, total.to(out_ptr.dtype.element_ty), mask=offs_k < K)
+
+
+def topk_sum(cache: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> torch.Tensor:
+    """cache [M, topk, K] -> out [M, K], skipping slots routed outside [0, num_experts)."""
+    m, topk, k = cache.shape
+    if m == 0:
+        return out
+    block_k = min(1024, triton.next_power_of_2(k))
+    _topk_sum_kernel[(m, triton.cdiv(k, block_k))](
+        cache, topk_ids, out, k, num_experts,
+        cache.stride(0), cache.stride(1), out.stride(0),
+        TOPK=topk, BLOCK_TOPK=triton.next_power_of_2(topk), BLOCK_K=block_k,
+        num_warps=4 if block_k >= 512 else 1)
+    return out

@@ -1,0 +1,51 @@
+"""Command line: `moetune run | compare | export | import | show | collect`.
+
+Every command module exposes `add_arguments(parser)` and `main(args) -> int`. Bad input is
+raised as UsageError (or ValueError/TypeError from validation) and printed as one line on
+stderr with exit code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UsageError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "run": ("moetune.tune_cli", "tune the MoE kernels for a GPU and write JSON tables"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage too: keep it to one line
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moetune", description="Autotune Triton fused-MoE kernels and dispatch the tuned configs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args._main(args) or 0)
+    except (UsageError, ValueError, TypeError) as error:
+        print(f"moetune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

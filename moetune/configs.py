@@ -1,0 +1,55 @@
+"""Launch configs of the grouped GEMM: the six keys, their validation and the default heuristic."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+BLOCK_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def check_config(config: Any, what: str = "config") -> dict[str, int]:
+    """Return a clean copy of a launch config, or raise naming the bad key.
+
+    TypeError for a non-mapping or a non-integer value, ValueError for a missing key or a
+    value out of range. Extra keys (e.g. SGLang's USE_TMA) are dropped.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"{what} must be a dict with keys {', '.join(CONFIG_KEYS)}, got {type(config).__name__}")
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"{what} is missing key(s) {', '.join(missing)}")
+    clean: dict[str, int] = {}
+    for key in CONFIG_KEYS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what}[{key!r}] must be an int, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"{what}[{key!r}] must be positive, got {value}")
+        if key in BLOCK_KEYS and (value < 16 or not _is_power_of_two(value)):
+            raise ValueError(f"{what}[{key!r}] must be a power of two >= 16, got {value}")
+        if key == "num_warps" and not _is_power_of_two(value):
+            raise ValueError(f"{what}[{key!r}] must be a power of two, got {value}")
+        clean[key] = value
+    return clean
+
+
+def default_config(M: int, E: int, N: int, K: int, topk: int) -> dict[str, int]:
+    """The untuned launch config used when no table has one.
+
+    Small batches are memory-bound (each expert's weights are streamed once), so a short
+    BLOCK_SIZE_M wastes the fewest padded rows; large batches want square tiles for reuse.
+    The expected rows per expert, M * topk / E, picks between them.
+    """
+    rows_per_expert = max(1, M * topk // max(E, 1))
+    if rows_per_expert <= 16:
+        return {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+    if rows_per_expert <= 64:
+        return {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+    if rows_per_expert <= 256:
+        return {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 3}

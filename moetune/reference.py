@@ -1,0 +1,74 @@
+"""Float64 reference of the whole MoE layer, a plain loop over experts.
+
+The tests compare the Triton layer with it, and the tuner's correctness gate rejects any
+config whose result strays from it by more than the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Relative error ||out - ref|| / ||ref|| allowed per dtype. bf16 keeps 8 mantissa bits and
+# the layer rounds twice in between (GEMM 1 output, activation); fp32 matmuls may run as
+# tf32 on the GPU.
+TOLERANCE = {
+    torch.float32: 5e-3,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def routing_reference(router_logits: torch.Tensor, topk: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(router_logits.double(), dim=-1)
+    weights, ids = torch.topk(probs, topk, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_reference(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    routed_scaling_factor: float | None = None,
+) -> torch.Tensor:
+    """sum_k weight[m, k] * w2[e] @ (silu(w1[e, :N] @ x) * (w1[e, N:] @ x)), e = ids[m, k], in float64.
+
+    Slots whose expert id falls outside [0, E) contribute nothing (expert parallelism).
+    """
+    x = hidden_states.detach().double().cpu()
+    w1 = w1.detach().double().cpu()
+    w2 = w2.detach().double().cpu()
+    weights = topk_weights.detach().double().cpu()
+    ids = topk_ids.detach().long().cpu()
+    num_experts, two_n, _ = w1.shape
+    n = two_n // 2
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for expert in range(num_experts):
+        token, k = torch.nonzero(ids == expert, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token] @ w1[expert].T
+        act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+        y = (act @ w2[expert].T) * weights[token, k][:, None]
+        out.index_add_(0, token, y)
+    if routed_scaling_factor is not None:
+        out *= routed_scaling_factor
+    return out
+
+
+def fused_moe_reference(hidden_states, w1, w2, router_logits, topk, *, renormalize=True, routed_scaling_factor=None):
+    weights, ids = routing_reference(router_logits, topk, renormalize)
+    return moe_reference(hidden_states, w1, w2, weights, ids, routed_scaling_factor)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||; NaN or Inf anywhere in out gives inf."""
+    out = out.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff

@@ -1,0 +1,33 @@
+"""Test setup: kernels run in Triton's interpreter on the CPU, buffers start poisoned."""
+
+import os
+
+# Must be set before Triton kernels are defined (when moetune is first imported).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_real_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """torch.empty that fills floats with NaN and ints with a wild value, so an element
+    a kernel forgot to write shows up in the result instead of hiding as a zero."""
+    tensor = _real_empty(*args, **kwargs)
+    if tensor.dtype.is_floating_point:
+        tensor.fill_(float("nan"))
+    elif tensor.dtype in (torch.int32, torch.int64):
+        tensor.fill_(-77777)
+    return tensor
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test: inputs differ between tests but a failure reproduces."""
+    return torch.Generator().manual_seed(torch.seed() % (2**31))
