@@ -49,6 +49,7 @@ def _grouped_gemm_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr,
     EPILOGUE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # only under the interpreter, whose bf16 dot is wrong
+    ATOMIC_SEM: tl.constexpr,  # memory ordering of the ATOMIC_ADD epilogue
 ):
     # Grouped ordering: GROUP_SIZE_M row blocks share the weight columns they stream, so
     # consecutive programs hit the same tiles of b in L2.
@@ -97,10 +98,8 @@ def _grouped_gemm_kernel(
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     c_mask = row_valid[:, None] & (offs_cn[None, :] < N)
     if EPILOGUE == 1:
-        # Relaxed ordering: the adds only need atomicity; acq_rel fences each one and
-        # made the fused layer slower than store + reduce.
         c_ptrs = c_ptr + (slot[:, None] // TOPK) * stride_cm + offs_cn[None, :] * stride_cn
-        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask, sem="relaxed")
+        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask, sem=ATOMIC_SEM)
     else:
         c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -118,12 +117,15 @@ def grouped_gemm(
     topk_weights: torch.Tensor | None = None,
     weight_scale: float = 1.0,
     atomic_add: bool = False,
+    atomic_sem: str = "relaxed",
 ) -> torch.Tensor:
     """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
 
     `weights` is [E, N_out, K_in]; `out` is [slots, N_out] for STORE or [slots // topk,
     N_out] for ATOMIC_ADD (zeroed by the caller). `config` holds the six launch keys;
-    its BLOCK_SIZE_M must be the one `aligned` was built with.
+    its BLOCK_SIZE_M must be the one `aligned` was built with. The adds need atomicity
+    only, hence "relaxed" ordering by default; Triton's default "acq_rel" fences each add
+    and made the fused layer slower than store + reduce.
     """
     if config["BLOCK_SIZE_M"] != aligned.block_size_m:
         raise ValueError(
@@ -148,6 +150,7 @@ def grouped_gemm(
         # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting there
         # is exact, and compiled kernels never take this path.
         DOT_IN_FP32=interpreter_enabled() and a.dtype == torch.bfloat16,
+        ATOMIC_SEM=atomic_sem,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out

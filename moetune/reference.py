@@ -38,21 +38,21 @@ def moe_reference(
 
     Slots whose expert id falls outside [0, E) contribute nothing (expert parallelism).
     """
-    x = hidden_states.detach().double().cpu()
-    w1 = w1.detach().double().cpu()
-    w2 = w2.detach().double().cpu()
-    weights = topk_weights.detach().double().cpu()
-    ids = topk_ids.detach().long().cpu()
+    # On the inputs' device: a GPU computes the float64 reference of large shapes in
+    # seconds, where a CPU would take minutes. Weights are upcast one expert at a time.
+    x = hidden_states.detach().double()
+    weights = topk_weights.detach().double()
+    ids = topk_ids.detach().long()
     num_experts, two_n, _ = w1.shape
     n = two_n // 2
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64, device=x.device)
     for expert in range(num_experts):
         token, k = torch.nonzero(ids == expert, as_tuple=True)
         if token.numel() == 0:
             continue
-        h = x[token] @ w1[expert].T
+        h = x[token] @ w1[expert].detach().double().T
         act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
-        y = (act @ w2[expert].T) * weights[token, k][:, None]
+        y = (act @ w2[expert].detach().double().T) * weights[token, k][:, None]
         out.index_add_(0, token, y)
     if routed_scaling_factor is not None:
         out *= routed_scaling_factor
@@ -66,7 +66,7 @@ def fused_moe_reference(hidden_states, w1, w2, router_logits, topk, *, renormali
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||; NaN or Inf anywhere in out gives inf."""
-    out = out.detach().double().cpu()
+    out = out.detach().double().to(ref.device)
     if not torch.isfinite(out).all():
         return float("inf")
     denom = ref.norm().item()

@@ -1,0 +1,129 @@
+"""Timing and the correctness gate.
+
+GPU: the work is captured `calls_per_graph` times in one CUDA graph and the graph replayed;
+each replay is timed with CUDA events and the median per call is reported, as vLLM and
+SGLang time their MoE kernels. Without a GPU (Triton's interpreter) the wall clock is used
+and the numbers mean nothing beyond "it ran".
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .device import interpreter_enabled
+from .reference import TOLERANCE, moe_reference, relative_error
+
+# Ceilings measured on the H200 (device copy counting bytes read + written; bf16 matmul
+# 8192^3 on random data). Used for the roofline floor.
+H200_BANDWIDTH = 4.25e12
+H200_BF16_FLOPS = 807e12
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and not interpreter_enabled()
+
+
+def cuda_graph_time_us(fn: Callable[[], object], *, calls_per_graph: int = 10, replays: int = 20,
+                       warmup: int = 3) -> float:
+    """Median over `replays` graph replays of the time per call of `fn`, in µs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile, allocate, load modules outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    for _ in range(warmup):
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends)]
+    del graph
+    return statistics.median(times)
+
+
+def wall_time_us(fn: Callable[[], object], *, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def time_us(fn: Callable[[], object], **kwargs) -> float:
+    return cuda_graph_time_us(fn, **kwargs) if on_gpu() else wall_time_us(fn)
+
+
+def roofline_floor_us(M: int, N: int, K: int, topk: int, experts_hit: int, *, dtype_bytes: int = 2,
+                      bandwidth: float = H200_BANDWIDTH, flops: float = H200_BF16_FLOPS) -> float:
+    """The layer cannot beat max(bytes / bandwidth, FLOPs / matmul rate).
+
+    Bytes: the weights of every expert hit (w1 2N x K plus w2 K x N) read once, the input
+    read and the output written once. FLOPs: 2 * M * topk * (2N*K + N*K).
+    """
+    weight_bytes = experts_hit * 3 * N * K * dtype_bytes
+    io_bytes = 2 * M * K * dtype_bytes
+    return max((weight_bytes + io_bytes) / bandwidth, 6 * M * topk * N * K / flops) * 1e6
+
+
+@dataclass
+class LayerInputs:
+    x: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+
+    @property
+    def experts_hit(self) -> int:
+        return int(torch.unique(self.topk_ids).numel())
+
+
+def make_weights(E: int, N: int, K: int, dtype: torch.dtype, device, generator=None):
+    """Random expert weights scaled so that activations stay O(1); never zeros."""
+    w1 = torch.randn(E, 2 * N, K, dtype=dtype, device=device, generator=generator).mul_(K ** -0.5)
+    w2 = torch.randn(E, K, N, dtype=dtype, device=device, generator=generator).mul_(N ** -0.5)
+    return w1, w2
+
+
+def make_routing(M: int, E: int, topk: int, device, generator=None, renormalize: bool = True):
+    """Softmax over random logits, top-k, renormalised: the routing the anchors use."""
+    logits = torch.randn(M, E, device=device, generator=generator)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), topk, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def make_layer_inputs(M: int, w1: torch.Tensor, w2: torch.Tensor, topk: int, seed: int) -> LayerInputs:
+    device = w1.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(M, w1.shape[2], dtype=w1.dtype, device=device, generator=generator)
+    weights, ids = make_routing(M, w1.shape[0], topk, device, generator)
+    return LayerInputs(x, w1, w2, weights, ids)
+
+
+def layer_error(out: torch.Tensor, inputs: LayerInputs, reference: torch.Tensor | None = None) -> float:
+    if reference is None:
+        reference = moe_reference(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids)
+    return relative_error(out, reference)
+
+
+def within_tolerance(error: float, dtype: torch.dtype) -> bool:
+    return error <= TOLERANCE[dtype]
