@@ -10,6 +10,9 @@ One kernel serves both GEMMs of the layer:
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -105,6 +108,51 @@ def _grouped_gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+class GemmGeometry(NamedTuple):
+    """Every integer the kernel is specialised on besides the config: two launches with
+    equal geometry, dtypes and config run the same compiled binary."""
+    n_out: int
+    k_in: int
+    capacity: int
+    num_slots: int
+    stride_am: int
+    stride_ak: int
+    stride_be: int
+    stride_bn: int
+    stride_bk: int
+    stride_cm: int
+    stride_cn: int
+
+
+def gemm_geometry(a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, capacity: int, topk: int,
+                  atomic_add: bool) -> GemmGeometry:
+    return GemmGeometry(
+        weights.shape[1], weights.shape[2], capacity, out.shape[0] * (topk if atomic_add else 1),
+        a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
+        out.stride(0), out.stride(1))
+
+
+def _launch(kernel_call, pointers, geometry: GemmGeometry, config: dict, *, weight_scale: float,
+            a_rows_per_slot: int, topk: int, mul_routed_weight: bool, atomic_add: bool, atomic_sem: str,
+            dot_in_fp32: bool):
+    g = geometry
+    grid = (triton.cdiv(g.capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(g.n_out, config["BLOCK_SIZE_N"]),)
+    return kernel_call(grid)(
+        *pointers,
+        g.n_out, g.k_in, g.capacity, g.num_slots,
+        g.stride_am, g.stride_ak, g.stride_be, g.stride_bn, g.stride_bk, g.stride_cm, g.stride_cn,
+        float(weight_scale),
+        BLOCK_SIZE_M=config["BLOCK_SIZE_M"], BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
+        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        A_ROWS_PER_SLOT=a_rows_per_slot, TOPK=topk,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        EPILOGUE=EPILOGUE_ATOMIC_ADD if atomic_add else EPILOGUE_STORE,
+        DOT_IN_FP32=dot_in_fp32,
+        ATOMIC_SEM=atomic_sem,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
 def grouped_gemm(
     a: torch.Tensor,
     weights: torch.Tensor,
@@ -130,27 +178,29 @@ def grouped_gemm(
     if config["BLOCK_SIZE_M"] != aligned.block_size_m:
         raise ValueError(
             f"config BLOCK_SIZE_M={config['BLOCK_SIZE_M']} differs from the alignment's {aligned.block_size_m}")
-    n_out, k_in = weights.shape[1], weights.shape[2]
-    capacity = aligned.sorted_ids.numel()
-    num_slots = out.shape[0] * (topk if atomic_add else 1)
-    grid = (triton.cdiv(capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(n_out, config["BLOCK_SIZE_N"]),)
-    _grouped_gemm_kernel[grid](
-        a, weights, out, topk_weights if topk_weights is not None else a,
-        aligned.sorted_ids, aligned.expert_ids, aligned.padded_rows,
-        n_out, k_in, capacity, num_slots,
-        a.stride(0), a.stride(1),
-        weights.stride(0), weights.stride(1), weights.stride(2),
-        out.stride(0), out.stride(1),
-        float(weight_scale),
-        BLOCK_SIZE_M=config["BLOCK_SIZE_M"], BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
-        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
-        A_ROWS_PER_SLOT=a_rows_per_slot, TOPK=topk,
-        MUL_ROUTED_WEIGHT=topk_weights is not None,
-        EPILOGUE=EPILOGUE_ATOMIC_ADD if atomic_add else EPILOGUE_STORE,
-        # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting there
-        # is exact, and compiled kernels never take this path.
-        DOT_IN_FP32=interpreter_enabled() and a.dtype == torch.bfloat16,
-        ATOMIC_SEM=atomic_sem,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    geometry = gemm_geometry(a, weights, out, aligned.sorted_ids.numel(), topk, atomic_add)
+    pointers = (a, weights, out, topk_weights if topk_weights is not None else a,
+                aligned.sorted_ids, aligned.expert_ids, aligned.padded_rows)
+    _launch(lambda grid: _grouped_gemm_kernel[grid], pointers, geometry, config,
+            weight_scale=weight_scale, a_rows_per_slot=a_rows_per_slot, topk=topk,
+            mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
+            # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
+            # there is exact, and compiled kernels never take this path.
+            dot_in_fp32=interpreter_enabled() and a.dtype == torch.bfloat16)
     return out
+
+
+def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dict, *, topk: int,
+                         a_rows_per_slot: int, mul_routed_weight: bool, atomic_add: bool,
+                         out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed") -> None:
+    """Compile (without launching) the binary that grouped_gemm would run for this geometry.
+
+    Lets a tuner compile candidates in other processes: the binary lands in Triton's
+    on-disk cache and the timing process only loads it.
+    """
+    out_dtype = out_dtype or dtype
+    weights_dtype = torch.float32 if mul_routed_weight else dtype  # router weights are fp32
+    pointers = (dtype, dtype, out_dtype, weights_dtype, torch.int32, torch.int32, torch.int32)
+    _launch(lambda grid: functools.partial(_grouped_gemm_kernel.warmup, grid=grid), pointers, geometry, config,
+            weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk, mul_routed_weight=mul_routed_weight,
+            atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False)

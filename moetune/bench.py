@@ -56,6 +56,45 @@ def cuda_graph_time_us(fn: Callable[[], object], *, calls_per_graph: int = 10, r
     return statistics.median(times)
 
 
+def quick_time_us(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Rough time of one call: a one-call graph replayed a few times (no launch gaps)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+def adaptive_time_us(fn: Callable[[], object], *, cutoff_us: float | None = None,
+                     graph_us: float = 1000.0) -> tuple[float, bool]:
+    """Tuner timing: (µs per call, precise?).
+
+    A candidate whose rough time already exceeds `cutoff_us` (a multiple of the best so
+    far) gets its rough time back: precision would not change the ranking. Otherwise calls
+    per graph are chosen so a replay lasts about `graph_us`, and slow kernels get fewer
+    replays, which keeps a trial of a large batch from costing seconds.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    rough = quick_time_us(fn)
+    if cutoff_us is not None and rough > cutoff_us:
+        return rough, False
+    calls = max(1, min(10, round(graph_us / max(rough, 1e-3))))
+    replays = 20 if rough * calls <= 2 * graph_us else 10
+    return cuda_graph_time_us(fn, calls_per_graph=calls, replays=replays, warmup=2), True
+
+
 def wall_time_us(fn: Callable[[], object], *, repeats: int = 3) -> float:
     fn()
     times = []

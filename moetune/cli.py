@@ -16,6 +16,10 @@ from .errors import UsageError
 # name -> (module, one-line help)
 COMMANDS = {
     "run": ("moetune.tune_cli", "tune the MoE kernels for a GPU and write JSON tables"),
+    "compare": ("moetune.compare", "time the whole MoE layer: tuned unfused, fused, dispatcher, default and baseline configs"),
+    "export": ("moetune.export", "write tables as vLLM or SGLang config files"),
+    "import": ("moetune.export", "read vLLM/SGLang config files into a folder for --baseline-configs"),
+    "show": ("moetune.loader", "list the tables this machine would use and the configs picked per batch size"),
 }
 
 

@@ -38,18 +38,32 @@ def check_config(config: Any, what: str = "config") -> dict[str, int]:
     return clean
 
 
-def default_config(M: int, E: int, N: int, K: int, topk: int) -> dict[str, int]:
+def default_config(M: int, E: int, N: int, K: int, topk: int, *,
+                   shared_memory_bytes: int | None = None) -> dict[str, int]:
     """The untuned launch config used when no table has one.
 
-    Small batches are memory-bound (each expert's weights are streamed once), so a short
-    BLOCK_SIZE_M wastes the fewest padded rows; large batches want square tiles for reuse.
-    The expected rows per expert, M * topk / E, picks between them.
+    The expected rows per expert, M * topk / E, picks the tile: few rows are memory-bound
+    (each expert's weights stream once), so a short BLOCK_SIZE_M wastes the fewest padded
+    rows; many rows want large tiles for reuse. Stages shrink until the pipeline fits
+    `shared_memory_bytes` (Hopper's 227 KB when unknown).
     """
     rows_per_expert = max(1, M * topk // max(E, 1))
-    if rows_per_expert <= 16:
-        return {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
-    if rows_per_expert <= 64:
-        return {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
-    if rows_per_expert <= 256:
-        return {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8, "num_stages": 3}
+    if rows_per_expert <= 8:
+        config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+    elif rows_per_expert <= 24:
+        config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+    elif rows_per_expert <= 48:
+        config = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+    elif rows_per_expert <= 96:
+        config = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+    else:
+        config = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=16, num_warps=8, num_stages=4)
+    limit = shared_memory_bytes or 232448
+    # 2-byte operands; fp32 inputs run as tf32 with 4 bytes but the same tiles.
+    per_stage = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+    while config["num_stages"] > 2 and config["num_stages"] * per_stage > limit:
+        config["num_stages"] -= 1
+    while config["num_stages"] * per_stage > limit and config["BLOCK_SIZE_N"] > 32:
+        config["BLOCK_SIZE_N"] //= 2
+        per_stage = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+    return config

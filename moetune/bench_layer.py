@@ -1,0 +1,126 @@
+"""One batch size of one shape, ready to check and time launch configs.
+
+The tuner measures three roles per batch size:
+  gemm1          GEMM 1 alone (shared by both variants),
+  gemm2_unfused  GEMM 2 storing [M, topk, K] + the top-k sum, timed together,
+  gemm2_fused    zeroing out + GEMM 2 adding atomically into it, timed together,
+and then whole layers (alignment included) for the pairs it keeps. Every candidate runs in
+a whole layer against the float64 reference (computed once per batch size) before its time
+counts; the roles it does not tune run with the default config there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .bench import adaptive_time_us, make_layer_inputs, on_gpu, wall_time_us
+from .configs import default_config
+from .kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
+from .kernels.align import AlignedTokens
+from .kernels.grouped_gemm import GemmGeometry
+from .layer import align_for, run_aligned
+from .reference import TOLERANCE, moe_reference, relative_error
+
+ROLES = ("gemm1", "gemm2_unfused", "gemm2_fused")
+ROLE_VARIANT = {"gemm2_unfused": "unfused", "gemm2_fused": "fused"}
+
+
+@dataclass
+class BatchBench:
+    """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    M: int
+    topk: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.E, two_n, self.K = self.w1.shape
+        self.N = two_n // 2
+        # Separately seeded routings: one to time on, one to check against the reference.
+        self.timed = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed)
+        self.checked = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed + 1_000_003)
+        c = self.checked
+        self.reference = moe_reference(c.x, c.w1, c.w2, c.topk_weights, c.topk_ids)
+        self.default = default_config(self.M, self.E, self.N, self.K, self.topk)
+        rows = self.M * self.topk
+        device, dtype = self.w1.device, self.w1.dtype
+        self.gate_up = torch.empty(rows, 2 * self.N, dtype=dtype, device=device)
+        self.activation = silu_and_mul(torch.randn(rows, 2 * self.N, dtype=dtype, device=device))
+        self.down = torch.empty(self.M, self.topk, self.K, dtype=dtype, device=device)
+        self.out = torch.empty(self.M, self.K, dtype=dtype, device=device)
+        self._aligned: dict[int, AlignedTokens] = {}
+
+    # -- geometry, so that other processes can compile exactly what will run ---------------
+    def geometry(self, role: str, block_size_m: int) -> GemmGeometry:
+        capacity = max_padded_rows(self.M * self.topk, self.E, block_size_m)
+        if role == "gemm1":
+            return gemm_geometry(self.timed.x, self.w1, self.gate_up, capacity, self.topk, False)
+        if role == "gemm2_unfused":
+            return gemm_geometry(self.activation, self.w2, self.down.view(-1, self.K), capacity, self.topk, False)
+        return gemm_geometry(self.activation, self.w2, self.out, capacity, self.topk, True)
+
+    def _aligned_for(self, block_size_m: int) -> AlignedTokens:
+        if block_size_m not in self._aligned:
+            self._aligned[block_size_m] = align_tokens(self.timed.topk_ids, self.E, block_size_m)
+        return self._aligned[block_size_m]
+
+    # -- one role ----------------------------------------------------------------------------
+    def role_call(self, role: str, config: dict):
+        aligned = self._aligned_for(config["BLOCK_SIZE_M"])
+        t = self.timed
+        if role == "gemm1":
+            return lambda: grouped_gemm(t.x, self.w1, self.gate_up, aligned, config, topk=self.topk,
+                                        a_rows_per_slot=self.topk)
+        if role == "gemm2_unfused":
+            def unfused():
+                grouped_gemm(self.activation, self.w2, self.down.view(-1, self.K), aligned, config, topk=self.topk,
+                             a_rows_per_slot=1, topk_weights=t.topk_weights)
+                topk_sum(self.down, t.topk_ids, self.E, self.out)
+            return unfused
+
+        def fused():
+            self.out.zero_()
+            grouped_gemm(self.activation, self.w2, self.out, aligned, config, topk=self.topk, a_rows_per_slot=1,
+                         topk_weights=t.topk_weights, atomic_add=True)
+        return fused
+
+    def time_role(self, role: str, config: dict, cutoff_us: float | None = None) -> tuple[float, bool]:
+        """(µs, precise?) of one role; see bench.adaptive_time_us for the cutoff."""
+        return self._time(self.role_call(role, config), cutoff_us)
+
+    def _time(self, fn, cutoff_us: float | None = None) -> tuple[float, bool]:
+        if on_gpu():
+            return adaptive_time_us(fn, cutoff_us=cutoff_us)
+        return wall_time_us(fn, repeats=1), True
+
+    def check_role(self, role: str, config: dict) -> float:
+        """Relative error of the whole layer with `config` in this role, defaults elsewhere."""
+        if role == "gemm1":
+            return self.check_layer("unfused", config, self.default)
+        return self.check_layer(ROLE_VARIANT[role], self.default, config)
+
+    # -- whole layer -------------------------------------------------------------------------
+    def layer_call(self, variant: str, gemm1: dict, gemm2: dict, inputs=None):
+        t = inputs or self.timed
+
+        def layer():
+            a1, a2 = align_for(t.topk_ids, self.E, gemm1, gemm2)
+            return run_aligned(t.x, self.w1, self.w2, t.topk_weights, t.topk_ids, a1, a2, gemm1, gemm2,
+                               variant=variant, out=self.out)
+        return layer
+
+    def time_layer(self, variant: str, gemm1: dict, gemm2: dict) -> float:
+        return self._time(self.layer_call(variant, gemm1, gemm2))[0]
+
+    def check_layer(self, variant: str, gemm1: dict, gemm2: dict) -> float:
+        self.out.fill_(float("nan"))  # an element the kernels skip stays NaN and fails the check
+        out = self.layer_call(variant, gemm1, gemm2, self.checked)()
+        return relative_error(out, self.reference)
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.w1.dtype]

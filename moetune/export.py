@@ -1,0 +1,391 @@
+"""vLLM and SGLang config files: export tables to them, import them as tuning baselines.
+
+Both frameworks name a file `E={E},N={N},device_name={device key}[,dtype=..][,block_shape=..].json`
+and map batch size M (tokens) to one launch config, picking the nearest key at run time.
+vLLM runs that one config for both GEMMs. SGLang reads GEMM 2's config from a `..._down.json`
+beside it (falling back to GEMM 1's) and keeps its files in a `triton_X_Y_Z/` folder per
+Triton version. Neither selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`.
+
+Also the `moetune export` and `moetune import` commands: both are registered on this module,
+and the sub-command name picks which one add_arguments sets up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .device import device_key as to_device_key
+from .errors import TableError, UsageError
+from .loader import FROM_FAMILY, find_tables, nearest_batch_size
+from .tables import checked_config, dtype_name, read_table, write_json_atomic
+
+FORMATS = ("vllm", "sglang")
+# What Triton launches with when a config leaves these out (some SGLang files do).
+TRITON_LAUNCH_DEFAULTS = {"num_warps": 4, "num_stages": 3}
+# The file-name dtype selector vLLM and SGLang look for, per moetune dtype.
+DTYPE_SELECTORS: dict[str, str | None] = {"bf16": None, "fp16": None, "fp32": "float32"}
+# vLLM writes this beside the batch sizes and removes it before reading them.
+_METADATA_KEYS = ("triton_version",)
+
+_FOREIGN_NAME = re.compile(
+    r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)"
+    r"(?:,dtype=(?P<dtype>[^,]+?))?"
+    r"(?:,block_shape=(?P<block_shape>\[[^\]]*\]))?"
+    r"(?:,per_channel_quant=(?P<per_channel_quant>True))?"
+    r"(?P<down>_down)?\.json$"
+)
+_TRITON_FOLDER = re.compile(r"^triton_(\d+)_(\d+)_(\d+)$")
+
+
+@dataclass(frozen=True)
+class ForeignName:
+    """The parts of a vLLM/SGLang config file name."""
+
+    E: int
+    N: int
+    device_key: str
+    dtype: str | None = None  # quantization or float32 selector; None for bf16/fp16
+    block_shape: str | None = None  # e.g. "[128, 128]"
+    per_channel_quant: bool = False
+    down: bool = False  # SGLang's GEMM 2 file
+
+    @classmethod
+    def parse(cls, name: str) -> ForeignName | None:
+        match = _FOREIGN_NAME.match(name)
+        if match is None:
+            return None
+        return cls(
+            int(match["E"]), int(match["N"]), match["device"], match["dtype"], match["block_shape"],
+            match["per_channel_quant"] is not None, match["down"] is not None,
+        )
+
+    @property
+    def file_name(self) -> str:
+        return (
+            f"E={self.E},N={self.N},device_name={self.device_key}"
+            + (f",dtype={self.dtype}" if self.dtype else "")
+            + (f",block_shape={self.block_shape}" if self.block_shape else "")
+            + (",per_channel_quant=True" if self.per_channel_quant else "")
+            + ("_down" if self.down else "")
+            + ".json"
+        )
+
+
+@dataclass
+class ForeignConfigs:
+    configs: dict[int, dict[str, int]]  # batch size -> the six keys
+    filled: list[int] = field(default_factory=list)  # batch sizes given Triton's launch defaults
+
+
+def read_foreign_configs(path: str | os.PathLike) -> ForeignConfigs:
+    """Read a vLLM/SGLang file as {M: config}; problems are TableErrors naming file and key.
+
+    Keys the kernels here do not use (USE_TMA) are dropped; a missing num_warps/num_stages
+    gets Triton's launch default, which is what SGLang runs such an entry with.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise TableError(f"cannot read config file {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise TableError(f"bad config file {path}: not valid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    if not isinstance(data, dict):
+        raise TableError(f"bad config file {path}: must be a JSON object of batch sizes")
+    result = ForeignConfigs({})
+    for key, value in data.items():
+        if key in _METADATA_KEYS:
+            continue
+        try:
+            M = int(key)
+        except ValueError:
+            raise TableError(f"bad config file {path}: [{key!r}]: not a batch size") from None
+        if M <= 0 or M in result.configs:
+            raise TableError(f"bad config file {path}: [{key!r}]: batch size must be positive and given once")
+        if isinstance(value, Mapping) and any(launch not in value for launch in TRITON_LAUNCH_DEFAULTS):
+            value = {**TRITON_LAUNCH_DEFAULTS, **value}
+            result.filled.append(M)
+        result.configs[M] = checked_config(value, source, f'["{key}"]', kind="config file")
+    if not result.configs:
+        raise TableError(f"bad config file {path}: holds no batch size")
+    result.configs = dict(sorted(result.configs.items()))
+    return result
+
+
+def foreign_json(configs: Mapping[int, Mapping[str, int]]) -> str:
+    """A file vLLM and SGLang read with `{int(k): v for k, v in json.load(f).items()}`."""
+    return json.dumps({str(M): dict(configs[M]) for M in sorted(configs)}, indent=4) + "\n"
+
+
+def nearest(configs: Mapping[int, dict], M: int) -> dict:
+    """The config of the batch size nearest M (ties to the smaller), as vLLM and SGLang pick it."""
+    return configs[nearest_batch_size(configs, M)]
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def vllm_configs(table: Mapping) -> dict[int, dict]:
+    """One config per batch size: GEMM 1's, of the unfused variant.
+
+    vLLM runs a single config for both GEMMs and stores GEMM 2's output before a separate
+    reduce, as the unfused variant does. GEMM 1 carries twice GEMM 2's work (2N outputs),
+    so its config is the one to keep. GEMM 1 is the same kernel in both variants, so a
+    batch size tuned only fused still gives its GEMM 1 config.
+    """
+    configs = {}
+    for M, entry in table["batch_sizes"].items():
+        variant = entry["unfused"] if "unfused" in entry else entry["fused"]
+        configs[M] = dict(variant["gemm1"])
+    return configs
+
+
+def sglang_configs(table: Mapping) -> tuple[dict[int, dict], dict[int, dict], list[int]]:
+    """GEMM 1 and GEMM 2 ("_down") configs of each batch size's winning variant.
+
+    SGLang sorts tokens once, by GEMM 1's BLOCK_SIZE_M, for both GEMMs: where the winner's
+    GEMM 2 config has another BLOCK_SIZE_M, GEMM 1's config is written for GEMM 2 too (what
+    SGLang does with no _down file) rather than an altered, never-timed config. Those batch
+    sizes are returned third.
+    """
+    up, down, replaced = {}, {}, []
+    for M, entry in table["batch_sizes"].items():
+        winner = entry[entry["winner"]]
+        up[M] = dict(winner["gemm1"])
+        if winner["gemm2"]["BLOCK_SIZE_M"] == winner["gemm1"]["BLOCK_SIZE_M"]:
+            down[M] = dict(winner["gemm2"])
+        else:
+            down[M] = dict(winner["gemm1"])
+            replaced.append(M)
+    return up, down, replaced
+
+
+def sglang_version_folder(triton_version: str) -> str:
+    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", triton_version)
+    if match is None:
+        raise ValueError(f"cannot name an SGLang folder after Triton version {triton_version!r}")
+    return f"triton_{match[1]}_{match[2]}_{match[3] or 0}"
+
+
+@dataclass
+class PlannedFile:
+    relative: Path
+    configs: dict[int, dict]
+    source: str
+
+
+def plan_export(tables: list[tuple[str, dict]], format: str) -> tuple[list[PlannedFile], list[str]]:
+    """The files to write for (path, table) pairs, and a line per table skipped or adjusted.
+
+    bf16 and fp16 tables of one (E, N, device) share one file name; bf16 goes first and the
+    other is skipped. So is a second table of the same E and N with another K or top-k:
+    these formats have no place for them.
+    """
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+    dtype_rank = {"bf16": 0, "fp16": 1, "fp32": 2}
+    ordered = sorted(tables, key=lambda item: dtype_rank[item[1]["shape"]["dtype"]])
+    planned: dict[Path, PlannedFile] = {}
+    messages: list[str] = []
+    for source, table in ordered:
+        shape = table["shape"]
+        name = ForeignName(shape["E"], shape["N"], table["device"]["key"], DTYPE_SELECTORS[shape["dtype"]])
+        if format == "vllm":
+            files = [PlannedFile(Path(name.file_name), vllm_configs(table), source)]
+        else:
+            folder = Path(sglang_version_folder(table["versions"]["triton"]))
+            up, down, replaced = sglang_configs(table)
+            down_name = ForeignName(name.E, name.N, name.device_key, name.dtype, down=True)
+            files = [PlannedFile(folder / name.file_name, up, source), PlannedFile(folder / down_name.file_name, down, source)]
+            if replaced:
+                messages.append(
+                    f"note: {source}: GEMM 2 gets GEMM 1's config at M={', '.join(map(str, replaced))} "
+                    f"(SGLang needs the same BLOCK_SIZE_M for both GEMMs)"
+                )
+        clash = next((planned[file.relative] for file in files if file.relative in planned), None)
+        if clash is not None:
+            messages.append(f"skipped {source}: its {format} file {clash.relative} is written from {clash.source}")
+            continue
+        planned.update((file.relative, file) for file in files)
+    return list(planned.values()), messages
+
+
+def _tables_to_export(paths: list[str] | None) -> list[tuple[str, dict]]:
+    if paths:
+        files: list[Path] = []
+        for name in paths:
+            path = Path(name)
+            if path.is_dir():
+                files += sorted(path.rglob("*.json"))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise UsageError(f"no such table: {path}")
+        return [(str(path), read_table(path)) for path in files]
+    found = [entry for entry in find_tables() if entry.used and entry.file.origin != FROM_FAMILY]
+    return [(str(entry.file.path), entry.table) for entry in found]
+
+
+def export_command(args: argparse.Namespace) -> int:
+    tables = _tables_to_export(args.table)
+    if not tables:
+        raise UsageError("no tables found for this device; name them with --table PATH")
+    files, messages = plan_export(tables, args.format)
+    out = Path(args.out)
+    for file in files:
+        write_json_atomic(out / file.relative, foreign_json(file.configs))
+        print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
+    for message in messages:
+        print(message)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Import
+
+
+def _version_of_folder(name: str) -> tuple[int, int, int] | None:
+    match = _TRITON_FOLDER.match(name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def plan_import(paths: list[str]) -> tuple[list[PlannedFile], list[str]]:
+    """Normalized copies of vLLM/SGLang files (or of every such file under a folder).
+
+    A file inside a `triton_X_Y_Z/` folder keeps that folder, so find_baseline can still
+    prefer the running Triton's configs.
+    """
+    sources: list[Path] = []
+    messages: list[str] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for found in sorted(path.rglob("*.json")):
+                if ForeignName.parse(found.name):
+                    sources.append(found)
+                else:
+                    messages.append(f"skipped {found}: not a vLLM/SGLang config file name")
+        elif path.is_file():
+            if not ForeignName.parse(path.name):
+                raise UsageError(f"{path}: not a vLLM/SGLang config file name (E=..,N=..,device_name=...json)")
+            sources.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    planned: dict[Path, PlannedFile] = {}
+    for path in sources:
+        read = read_foreign_configs(path)
+        folder = path.parent.name if _version_of_folder(path.parent.name) else ""
+        relative = Path(folder) / ForeignName.parse(path.name).file_name
+        earlier = planned.get(relative)
+        if earlier is not None:
+            if earlier.configs != read.configs:
+                raise UsageError(f"{path} and {earlier.source} would both become {relative} but differ")
+            continue
+        planned[relative] = PlannedFile(relative, read.configs, str(path))
+        if read.filled:
+            messages.append(
+                f"note: {path}: num_warps/num_stages missing at M={', '.join(map(str, read.filled))}; "
+                f"set to Triton's launch defaults (4, 3)"
+            )
+    return list(planned.values()), messages
+
+
+def import_command(args: argparse.Namespace) -> int:
+    files, messages = plan_import(args.paths)
+    if not files:
+        raise UsageError("no vLLM/SGLang config files found in " + " ".join(args.paths))
+    out = Path(args.out)
+    for file in files:
+        write_json_atomic(out / file.relative, foreign_json(file.configs))
+        print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
+    for message in messages:
+        print(message)
+    return 0
+
+
+@dataclass
+class Baseline:
+    """Another framework's configs for one shape, as a starting point for tuning."""
+
+    gemm1: dict[int, dict]
+    gemm2: dict[int, dict]
+    sources: list[str]
+
+
+def find_baseline(
+    folder: str | os.PathLike, E: int, N: int, device_key: str, dtype: str = "bf16"
+) -> Baseline | None:
+    """vLLM/SGLang configs for (E, N, device) under `folder`, searched recursively.
+
+    Only files without a quantization selector count (`,dtype=float32` for fp32). Among
+    `triton_X_Y_Z/` folders the running Triton's wins, else the newest; files outside such
+    folders (vLLM's) come last. GEMM 2 takes the `_down` file beside GEMM 1's if there is one,
+    else GEMM 1's configs, as both frameworks do.
+    """
+    selector = DTYPE_SELECTORS[dtype_name(dtype)]
+    key = to_device_key(device_key)
+    groups: dict[tuple[int, int, int] | None, dict[bool, list[Path]]] = {}
+    for path in sorted(Path(folder).rglob("*.json")):
+        name = ForeignName.parse(path.name)
+        if (
+            name is None
+            or (name.E, name.N, name.device_key, name.dtype) != (E, N, key, selector)
+            or name.block_shape
+            or name.per_channel_quant
+        ):
+            continue
+        version = _version_of_folder(path.parent.name)
+        groups.setdefault(version, {}).setdefault(name.down, []).append(path)
+    usable = {version: files for version, files in groups.items() if files.get(False)}
+    if not usable:
+        return None
+    version = _preferred_version(list(usable))
+    up_path = min(usable[version][False], key=lambda path: (len(path.parts), str(path)))
+    down_path = next((path for path in usable[version].get(True, []) if path.parent == up_path.parent), None)
+    gemm1 = read_foreign_configs(up_path).configs
+    if down_path is None:
+        return Baseline(gemm1, {M: dict(config) for M, config in gemm1.items()}, [str(up_path)])
+    return Baseline(gemm1, read_foreign_configs(down_path).configs, [str(up_path), str(down_path)])
+
+
+def _preferred_version(versions: list[tuple[int, int, int] | None]) -> tuple[int, int, int] | None:
+    import triton
+
+    match = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", triton.__version__)
+    running = tuple(int(part) for part in match.groups()) if match else None
+    if running in versions:
+        return running
+    versioned = [version for version in versions if version is not None]
+    return max(versioned) if versioned else None
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    command = parser.prog.rsplit(" ", 1)[-1]
+    if command == "import":
+        parser.add_argument("paths", nargs="+", metavar="PATH", help="vLLM/SGLang config files, or folders holding them")
+        parser.add_argument("--out", required=True, help="folder to write the normalized files to (for --baseline-configs)")
+        parser.set_defaults(_command=import_command)
+    else:
+        parser.add_argument("--format", required=True, choices=FORMATS, help="which framework's files to write")
+        parser.add_argument("--out", required=True, help="folder to write the files to")
+        parser.add_argument(
+            "--table", nargs="+", action="extend", metavar="PATH",
+            help="tables (or folders of tables) to export; default: those the loader uses on this machine",
+        )
+        parser.set_defaults(_command=export_command)
+
+
+def main(args: argparse.Namespace) -> int:
+    return args._command(args)

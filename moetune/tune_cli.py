@@ -1,0 +1,157 @@
+"""`moetune run`: check every input first (one-line errors, nothing written), then tune."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .device import DeviceInfo, local_device
+from .errors import UsageError
+from .shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
+from .space import load_space
+
+VARIANTS = ("unfused", "fused")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
+    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
+    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
+    shape.add_argument("--E", type=int, help="number of experts")
+    shape.add_argument("--topk", type=int, help="experts per token")
+    shape.add_argument("--hidden", type=int, help="hidden size K")
+    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
+    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
+    parser.add_argument("--gpu", default="auto", help="GPU the table is for; must match the local one (default: auto)")
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
+                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
+    parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
+    parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="stop sampling when this many minutes are spent (shared over all studies)")
+    parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (e.g. sqlite:///s.db, postgresql://...) or a journal file path; "
+                             "default: a journal file beside the tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-configs", default=None, metavar="DIR",
+                        help="folder of vLLM/SGLang config files to warm-start from")
+    parser.add_argument("--space", default=None, metavar="YAML", help="search space overriding the default")
+    parser.add_argument("--compile-workers", type=int, default=None,
+                        help="processes compiling candidates ahead (default: CPU cores - 1, at most 16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
+    """--gpu must name the local device: 'auto', or a case-insensitive part of its name."""
+    if requested.strip().lower() in ("auto", local.name.lower(), local.key.lower()):
+        return local
+    if local.is_gpu and requested.strip().lower() in local.name.lower():
+        return local
+    where = f"the local GPU is {local.name!r}" if local.is_gpu else "this machine has no GPU (use --gpu auto or cpu)"
+    raise UsageError(f"--gpu {requested!r} does not match: {where}")
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse an out-dir that cannot be written, before anything is written."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"--out-dir {str(path)!r}: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {str(path)!r} is not writable")
+
+
+def check_storage(url: str) -> None:
+    """Reach the storage now, so a typo fails in one line instead of after compiling."""
+    if "://" not in url:
+        parent = Path(url).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist or is not writable")
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database
+            if database and database != ":memory:":
+                parent = Path(database).resolve().parent
+                if not parent.is_dir():
+                    raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist")
+            return
+        with engine.connect():
+            pass
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any driver error means the storage is unusable
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--storage {url!r} is unreachable: {first}") from None
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if not variants or bad:
+        raise UsageError(f"--variants {text!r}: use unfused, fused or unfused,fused")
+    return [v for v in VARIANTS if v in variants]
+
+
+def build_settings(args: argparse.Namespace):
+    from .tune import TuneSettings
+
+    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
+                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    variants = parse_variants(args.variants)
+    if args.trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {args.trials}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+    device = resolve_gpu(args.gpu, local_device())
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir)
+    if args.storage:
+        check_storage(args.storage)
+    baseline = None
+    if args.baseline_configs:
+        baseline = Path(args.baseline_configs)
+        if not baseline.is_dir():
+            raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
+    space = load_space(args.space)
+    dtype = args.dtype or ("bf16" if device.is_gpu else "fp16")
+    if dtype == "bf16" and not device.is_gpu and "fused" in variants:
+        raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no bf16 atomic add")
+    workers = args.compile_workers
+    if workers is None:
+        workers = min(16, max(0, (os.cpu_count() or 1) - 1))
+    if workers < 0:
+        raise UsageError(f"--compile-workers must be >= 0, got {workers}")
+    return TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
+                        trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
+                        storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
+                        compile_workers=workers, progress=not args.no_progress,
+                        # The interpreter's timings mean nothing: keep the final layer stage short.
+                        top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    from .tune import tune
+
+    names = ", ".join(s.describe() for s in settings.shapes)
+    print(f"tuning {names} on {settings.device.name}, {settings.dtype}, batch sizes "
+          f"{','.join(map(str, settings.batch_sizes))}, variants {','.join(settings.variants)}, "
+          f"{settings.trials} trials per role and batch size")
+    if not settings.device.is_gpu:
+        print("no GPU: kernels run in Triton's interpreter; the timings will mean nothing")
+    written = tune(settings)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
