@@ -28,15 +28,20 @@ BLOCK_M_ROWS_FACTOR = 4
 # Smallest per-warp MMA output tile (mma.sync m16n8); warps beyond the tile count replicate work.
 MMA_TILE_M = 16
 MMA_TILE_N = 8
+# fp32 accumulator registers per thread above which ptxas spills (255 registers in all) and
+# compiles for minutes: 128x256 with 8 warps, the largest tile vLLM/SGLang ship, needs 128.
+MAX_ACCUMULATOR_REGISTERS = 128
 
 # Reason categories, in the order the rules are checked.
 PRUNED_SHARED_MEMORY = "shared_memory"
 PRUNED_BLOCK_M = "block_m_over_rows"
 PRUNED_TILE = "tile_over_problem"
 PRUNED_WARPS = "warps_over_tile"
+PRUNED_REGISTERS = "accumulator_registers"
 PRUNED_GROUP = "group_size_duplicate"
 KEPT = "kept"
-SUMMARY_KEYS = (PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_GROUP, KEPT)
+SUMMARY_KEYS = (PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_REGISTERS, PRUNED_GROUP,
+                KEPT)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -214,6 +219,11 @@ def _first_failed_rule(
     mma_tiles = (bm // MMA_TILE_M) * (bn // MMA_TILE_N)
     if warps > mma_tiles and warps > space.smallest("num_warps"):
         return PRUNED_WARPS, f"num_warps {warps} > {mma_tiles} MMA tiles of {bm}x{bn}"
+
+    # The fp32 accumulator alone would take most of a thread's registers: spills, slow compiles.
+    accumulator = bm * bn // (32 * warps)
+    if accumulator > MAX_ACCUMULATOR_REGISTERS:
+        return PRUNED_REGISTERS, f"{bm}x{bn} tile on {warps} warps needs {accumulator} accumulator registers per thread"
 
     # Every GROUP_SIZE_M >= the row-block count maps programs to tiles identically, so only the
     # smallest such value in the space is kept; larger ones are duplicates of it.

@@ -35,6 +35,7 @@ from .tables import merge_tables, new_table, read_table, table_path, write_table
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STUDY_FILE = "moetune-studies.journal"
 COMPILE_TIMEOUT_S = 180.0
+MIN_TRIALS_PAST_DEADLINE = 4
 # Status of a trial, in its user attributes; "counted" ones use up --trials.
 COUNTED = ("measured", "wrong_result", "compile_failed", "launch_failed")
 
@@ -168,8 +169,11 @@ class RoleStudy:
         batch = max(1, self.compiler.pool._max_workers if self.compiler.pool else 1)
         while True:
             done = self.counted() + sum(1 for _ in pending)
+            # Past the deadline a study still measures a few configs (the warm starts come
+            # first), so every batch size gets a checked winner.
+            floor = min(target, MIN_TRIALS_PAST_DEADLINE)
             while (len(pending) < batch and done < target and attempts < 20 * target + 50
-                   and time.monotonic() < deadline):
+                   and (time.monotonic() < deadline or done < floor)):
                 attempts += 1
                 trial = self.study.ask(self.distributions)
                 config = config_of(trial.params)

@@ -14,6 +14,7 @@ from moetune.space import (
     PRUNED_GROUP,
     PRUNED_SHARED_MEMORY,
     PRUNED_TILE,
+    PRUNED_REGISTERS,
     PRUNED_WARPS,
     Problem,
     SearchSpace,
@@ -144,7 +145,7 @@ def test_shared_memory_estimate() -> None:
 # --- one test per rule: a config that triggers it and one that does not ---------------------------
 
 def test_rule_shared_memory() -> None:
-    too_big = config(bm=256, bn=256, bk=128, stages=4)  # 4 * 64 KiB
+    too_big = config(bm=256, bn=256, bk=128, warps=16, stages=4)  # 4 * 64 KiB
     assert "shared memory" in reason(too_big)
     assert reason(config(bm=128, bn=128, bk=64, stages=3)) is None
     # The same config fits a device with more shared memory.
@@ -183,6 +184,14 @@ def test_rule_warps_over_tile() -> None:
     assert reason(config(bm=16, bn=64, warps=8)) is None
     # With no smaller warp count in the space, the only choice stays.
     assert reason(config(bm=16, bn=32, warps=8), space=space_with(num_warps=(8,))) is None
+
+
+def test_rule_accumulator_registers() -> None:
+    # 128x256 on 8 warps is 128 fp32 registers per thread: kept (vLLM/SGLang ship it).
+    assert reason(config(bm=128, bn=256, bk=32, warps=8, stages=2)) is None
+    # The same tile on 4 warps needs 256: pruned; 256x256 on 8 warps too.
+    assert "accumulator registers" in reason(config(bm=128, bn=256, bk=32, warps=4, stages=2))
+    assert "accumulator registers" in reason(config(bm=256, bn=256, bk=32, warps=8, stages=2))
 
 
 def test_rule_group_size_duplicate() -> None:
@@ -242,7 +251,8 @@ def test_candidates_are_exactly_the_unpruned(problem: Problem) -> None:
     summary = pruning_summary(space, problem, HOPPER_SMEM)
     assert summary[KEPT] == len(kept)
     assert sum(summary.values()) == space.size()
-    assert set(summary) == {KEPT, PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_GROUP}
+    assert set(summary) == {KEPT, PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_REGISTERS,
+                            PRUNED_GROUP}
 
 
 def test_tiny_problem_has_few_candidates() -> None:

@@ -1,0 +1,570 @@
+"""`moetune compare`: the whole MoE layer timed per contender, through the production code path.
+
+Contenders, per shape and batch size M (each runs `run_aligned` with its configs and variant;
+routing and alignment stay outside the timed region):
+  unfused     the dispatcher's configs for the unfused variant (get_config(variant="unfused"))
+  fused       the dispatcher's configs for the fused variant (get_config(variant="fused"))
+  dispatcher  what production runs: get_config() with no variant, its configs and its variant
+  default     configs.default_config for both GEMMs, unfused
+  baseline    vLLM/SGLang configs from --baseline-configs (nearest M), unfused
+
+Every input is checked and every config looked up before anything runs; results are
+written (CSV, JSON, two PNGs per shape) only after every measurement succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .device import DeviceInfo, local_device, torch_device
+from .errors import UsageError
+from .shapes import DEFAULT_BATCH_SIZES, MoEShape, parse_batch_sizes, resolve_shapes
+from .tune_cli import check_out_dir, resolve_gpu
+
+CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")
+SHORT_NAMES = {"unfused": "unf", "fused": "fus", "dispatcher": "disp", "default": "dflt", "baseline": "base"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TABLE_WIDTH = 120
+
+
+@dataclass(frozen=True)
+class Contender:
+    """What one contender runs at one batch size, and where its configs came from."""
+
+    name: str
+    gemm1: dict
+    gemm2: dict
+    variant: str
+    source: str
+    batch_size: int | None  # the table or baseline key the configs were taken from
+
+
+@dataclass
+class CompareSettings:
+    shapes: list[MoEShape]
+    dtype: str
+    batch_sizes: list[int]
+    device: DeviceInfo
+    out_dir: Path
+    baseline_dir: Path | None
+    seed: int
+    tp_size: int
+    command_line: str
+    rounds: int = 1
+
+
+@dataclass
+class ShapePlan:
+    """Every contender's configs for every batch size of one shape, looked up before running."""
+
+    shape: MoEShape
+    contenders: dict[int, list[Contender]]  # M -> contenders, in CONTENDERS order
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    contender: Contender
+    time_us: float
+    rel_error: float
+
+
+@dataclass
+class Row:
+    M: int
+    experts_hit: int
+    roofline_us: float
+    measured: dict[str, Measurement]  # contender name -> measurement
+
+    def us(self, name: str) -> float | None:
+        return self.measured[name].time_us if name in self.measured else None
+
+    @property
+    def speedup(self) -> float:
+        """Unfused time over fused time: above 1 means fused is faster."""
+        return self.measured["unfused"].time_us / self.measured["fused"].time_us
+
+    @property
+    def winner(self) -> str:
+        return "fused" if self.measured["fused"].time_us < self.measured["unfused"].time_us else "unfused"
+
+    def roofline_ratio(self, name: str) -> float:
+        return self.measured[name].time_us / self.roofline_us
+
+
+@dataclass
+class ShapeResult:
+    plan: ShapePlan
+    rows: list[Row]
+    tolerance: float
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in next(iter(self.plan.contenders.values()))]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
+    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
+    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
+    shape.add_argument("--E", type=int, help="number of experts")
+    shape.add_argument("--topk", type=int, help="experts per token")
+    shape.add_argument("--hidden", type=int, help="hidden size K")
+    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
+    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
+    parser.add_argument("--gpu", default="auto", help="GPU to compare on; must match the local one (default: auto)")
+    parser.add_argument("--dtype", default=None, choices=tuple(TORCH_DTYPES),
+                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
+    parser.add_argument("--baseline-configs", default=None, metavar="DIR",
+                        help="folder of vLLM/SGLang config files (see `moetune import`) to add as a contender")
+    parser.add_argument("--out", default="compare", help="folder for the CSV, JSON and PNG files (default ./compare)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds per batch size, median kept (default 3 on a GPU, 1 without)")
+
+
+def build_settings(args: argparse.Namespace) -> CompareSettings:
+    """Check every flag; raises UsageError before anything runs or is written."""
+    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
+                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    device = resolve_gpu(args.gpu, local_device())
+    out_dir = Path(args.out)
+    try:
+        check_out_dir(out_dir)
+    except UsageError as error:  # the shared check names `run`'s flag
+        raise UsageError(str(error).replace("--out-dir", "--out", 1)) from None
+    baseline_dir = None
+    if args.baseline_configs is not None:
+        baseline_dir = Path(args.baseline_configs)
+        if not baseline_dir.is_dir():
+            raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
+    dtype = args.dtype or ("bf16" if device.is_gpu else "fp16")
+    if dtype == "bf16" and not device.is_gpu:
+        raise UsageError("--dtype bf16 needs a GPU: Triton's interpreter has no bf16 atomic add (use --dtype fp16)")
+    rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {rounds}")
+    return CompareSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, device=device, out_dir=out_dir,
+                           baseline_dir=baseline_dir, seed=args.seed, tp_size=args.tp_size,
+                           command_line=command_line(args), rounds=rounds)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed flags."""
+    flags = [("--model", args.model), ("--model-config", args.model_config), ("--E", args.E), ("--topk", args.topk),
+             ("--hidden", args.hidden), ("--intermediate", args.intermediate), ("--tp-size", args.tp_size),
+             ("--gpu", args.gpu), ("--dtype", args.dtype), ("--batch-sizes", args.batch_sizes),
+             ("--baseline-configs", args.baseline_configs), ("--out", args.out), ("--seed", args.seed)]
+    words = ["moetune", "compare"]
+    for flag, value in flags:
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    plans = [plan_shape(shape, settings) for shape in settings.shapes]
+
+    print(f"comparing on {settings.device.name}, {settings.dtype}, batch sizes {','.join(map(str, settings.batch_sizes))}")
+    if not settings.device.is_gpu:
+        print("no GPU: kernels run in Triton's interpreter; these timings mean nothing about speed")
+    results = []
+    for plan in plans:
+        result = measure_shape(plan, settings)
+        print()
+        print(report_text(result, settings), end="")
+        results.append(result)
+
+    written = write_results(results, settings)
+    for path in written:
+        print(f"wrote {path}")
+    failed = [(result.plan.shape, row.M, name) for result in results for row in result.rows
+              for name, measured in row.measured.items() if not measured.rel_error <= result.tolerance]
+    if failed:
+        where = ", ".join(f"{name} at M={M}" for _, M, name in failed[:6]) + (" ..." if len(failed) > 6 else "")
+        print(f"moetune: error: relative error above tolerance: {where}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Which configs each contender runs
+
+
+def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
+    """Look up every contender's configs now, so that a bad table fails before anything runs."""
+    from .configs import default_config
+    from .loader import ConfigWarning, get_config, nearest_batch_size
+
+    baseline = None
+    notes: list[str] = []
+    if settings.baseline_dir is not None:
+        from .export import find_baseline, nearest
+
+        baseline = find_baseline(settings.baseline_dir, shape.E, shape.N, settings.device.key, settings.dtype)
+        if baseline is None:
+            notes.append(f"no baseline configs for E={shape.E},N={shape.N} on {settings.device.key} "
+                         f"under {settings.baseline_dir}: no baseline contender")
+
+    def lookup(M: int, variant: str | None):
+        # Named variants are compared even in deterministic mode; the dispatcher follows it.
+        deterministic = False if variant is not None else None
+        return get_config(shape.E, shape.N, shape.K, shape.topk, settings.dtype, M, variant=variant,
+                          device=settings.device, deterministic=deterministic)
+
+    contenders: dict[int, list[Contender]] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        for M in settings.batch_sizes:
+            row = []
+            for name, variant in (("unfused", "unfused"), ("fused", "fused"), ("dispatcher", None)):
+                selection = lookup(M, variant)
+                # The default heuristic's selection says "unfused"; a named contender runs its own variant.
+                row.append(Contender(name, selection.gemm1, selection.gemm2, variant or selection.variant,
+                                     selection.source, selection.batch_size))
+            config = default_config(M, shape.E, shape.N, shape.K, shape.topk)
+            row.append(Contender("default", config, dict(config), "unfused", "default heuristic", None))
+            if baseline is not None:
+                key1, key2 = nearest_batch_size(baseline.gemm1, M), nearest_batch_size(baseline.gemm2, M)
+                row.append(Contender("baseline", nearest(baseline.gemm1, M), nearest(baseline.gemm2, M), "unfused",
+                                     " + ".join(baseline.sources), key1 if key1 == key2 else None))
+            contenders[M] = row
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning):
+            notes.append(str(warning.message))
+        else:  # not ours to report: pass it on
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return ShapePlan(shape, contenders, notes)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
+    from .bench import make_layer_inputs, make_weights, on_gpu, roofline_floor_us
+    from .reference import TOLERANCE, moe_reference
+
+    shape = plan.shape
+    device = torch_device()
+    dtype = TORCH_DTYPES[settings.dtype]
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    w1, w2 = make_weights(shape.E, shape.N, shape.K, dtype, device, generator)
+    timer = _timer(on_gpu())
+    rows = []
+    for M, contenders in plan.contenders.items():
+        # The same inputs for every contender of this batch size.
+        inputs = make_layer_inputs(M, w1, w2, shape.topk, seed=settings.seed * 1_000_003 + M)
+        reference = moe_reference(inputs.x, w1, w2, inputs.topk_weights, inputs.topk_ids)
+        measured = measure_contenders(contenders, inputs, reference, timer, settings.rounds)
+        experts_hit = inputs.experts_hit
+        floor = roofline_floor_us(M, shape.N, shape.K, shape.topk, experts_hit, dtype_bytes=dtype.itemsize)
+        rows.append(Row(M, experts_hit, floor, measured))
+        del inputs, reference
+    return ShapeResult(plan, rows, TOLERANCE[dtype])
+
+
+def _timer(gpu: bool) -> Callable[[Callable[[], object]], float]:
+    from .bench import cuda_graph_time_us, wall_time_us
+
+    if gpu:
+        return lambda fn: cuda_graph_time_us(fn, calls_per_graph=10, replays=20)
+    return wall_time_us
+
+
+def measure_contenders(contenders: list[Contender], inputs, reference: torch.Tensor,
+                       timer: Callable[[Callable[[], object]], float], rounds: int) -> dict[str, Measurement]:
+    """Check each contender once against the reference (out starts as NaN), then time the
+    layers after alignment in interleaved rounds and keep each one's median.
+
+    One timing of a large layer now and then lands 15-20% high (seen on the H200 at
+    M >= 3072, same inputs and config); rounds keep such a draw from deciding the table.
+    """
+    from .layer import align_for, run_aligned
+    from .reference import relative_error
+
+    num_experts = inputs.w1.shape[0]
+    layers, errors = {}, {}
+    for contender in contenders:
+        aligned1, aligned2 = align_for(inputs.topk_ids, num_experts, contender.gemm1, contender.gemm2)
+        out = torch.empty(inputs.x.shape, dtype=inputs.x.dtype, device=inputs.x.device)
+
+        def layer(c=contender, a1=aligned1, a2=aligned2, out=out):
+            return run_aligned(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, a1, a2,
+                               c.gemm1, c.gemm2, variant=c.variant, out=out)
+
+        out.fill_(float("nan"))  # an element the kernels skip stays NaN and shows as an infinite error
+        errors[contender.name] = relative_error(layer(), reference)
+        layers[contender.name] = layer
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for _ in range(rounds):
+        for contender in contenders:
+            times[contender.name].append(timer(layers[contender.name]))
+    return {c.name: Measurement(c, statistics.median(times[c.name]), errors[c.name]) for c in contenders}
+
+
+# ---------------------------------------------------------------------------------------
+# The printed report
+
+
+def _number(value: float | None, width: int, digits: int = 1) -> str:
+    if value is None:
+        return "-".rjust(width)
+    text = f"{value:.{digits}f}"
+    for shorter in (".3g", ".2g", ".0e"):  # the interpreter's times run to seconds
+        if len(text) <= width:
+            break
+        text = f"{value:{shorter}}"
+    return text.rjust(width)
+
+
+def _error(value: float | None, width: int) -> str:
+    if value is None:
+        return "-".rjust(width)
+    return ("inf" if math.isinf(value) else f"{value:.0e}").rjust(width)
+
+
+def report_text(result: ShapeResult, settings: CompareSettings) -> str:
+    """Config sources, then one line per batch size; fits in TABLE_WIDTH columns."""
+    shape, names = result.plan.shape, result.names
+    lines = [f"{shape.describe()}, tp {settings.tp_size}, {settings.dtype}, on {settings.device.name}"]
+    lines.append("contender   runs     configs from")
+    for name in names:
+        sources = contender_sources(result.rows, name)
+        variants = sorted({row.measured[name].contender.variant for row in result.rows})
+        lines.append(f"{name:<11s} {'/'.join(variants):<8s} {'; '.join(sources)}")
+    lines += [textwrap.fill(f"note: {note}", TABLE_WIDTH, subsequent_indent="  ", break_on_hyphens=False,
+                            break_long_words=False) for note in result.plan.notes]
+
+    header = [("M", 6)] + [(f"{SHORT_NAMES[n]} us", 8) for n in names]
+    header += [("f/u", 5), ("unf/rf", 6), ("fus/rf", 6), ("win", 3), ("pick", 4)]
+    header += [(f"e:{SHORT_NAMES[n]}", 6) for n in names]
+    lines.append(" ".join(title.rjust(width) for title, width in header))
+    for row in result.rows:
+        cells = [str(row.M).rjust(6)]
+        cells += [_number(row.us(n), 8) for n in names]
+        cells += [_number(row.speedup, 5, 2), _number(row.roofline_ratio("unfused"), 6, 2),
+                  _number(row.roofline_ratio("fused"), 6, 2), SHORT_NAMES[row.winner].rjust(3),
+                  SHORT_NAMES[row.measured["dispatcher"].contender.variant].rjust(4)]
+        cells += [_error(row.measured[n].rel_error, 6) for n in names]
+        flag = "  !" if any(not m.rel_error <= result.tolerance for m in row.measured.values()) else ""
+        lines.append(" ".join(cells) + flag)
+    lines.append(f"us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
+                 f"(H200 ceilings);")
+    lines.append(f"win: faster of unf/fus; pick: the dispatcher's variant; e:x: relative error vs float64 "
+                 f"(tolerance {result.tolerance:.0e}, ! above)")
+    return "\n".join(lines) + "\n"
+
+
+def contender_sources(rows: list[Row], name: str) -> list[str]:
+    """Distinct config sources of one contender over the batch sizes, in first-seen order."""
+    sources: list[str] = []
+    for row in rows:
+        source = row.measured[name].contender.source
+        if source not in sources:
+            sources.append(source)
+    return sources
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def file_stem(shape: MoEShape, dtype: str, tp_size: int) -> str:
+    base = shape.name or f"E{shape.E}_N{shape.N}_K{shape.K}_topk{shape.topk}"
+    base = re.sub(r"[^\w.-]", "_", base)
+    if shape.name and tp_size > 1:  # a preset's N differs per tensor-parallel size
+        base += f"_tp{tp_size}"
+    return f"{base}_{dtype}"
+
+
+def csv_columns(names: list[str]) -> list[str]:
+    columns = ["M", "experts_hit", "roofline_us"]
+    for name in names:
+        columns += [f"{name}_us", f"{name}_rel_error", f"{name}_variant", f"{name}_source", f"{name}_table_M",
+                    f"{name}_gemm1", f"{name}_gemm2"]
+    columns += ["fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio", "winner", "dispatcher_pick"]
+    return columns
+
+
+def _compact(config: dict) -> str:
+    from .loader import compact_config
+
+    return compact_config(config)
+
+
+def csv_rows(result: ShapeResult) -> list[dict]:
+    rows = []
+    for row in result.rows:
+        record: dict = {"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us}
+        for name in result.names:
+            measured = row.measured[name]
+            c = measured.contender
+            record.update({f"{name}_us": measured.time_us, f"{name}_rel_error": measured.rel_error,
+                           f"{name}_variant": c.variant, f"{name}_source": c.source,
+                           f"{name}_table_M": "" if c.batch_size is None else c.batch_size,
+                           f"{name}_gemm1": _compact(c.gemm1), f"{name}_gemm2": _compact(c.gemm2)})
+        record.update({"fused_speedup": row.speedup, "unfused_roofline_ratio": row.roofline_ratio("unfused"),
+                       "fused_roofline_ratio": row.roofline_ratio("fused"), "winner": row.winner,
+                       "dispatcher_pick": row.measured["dispatcher"].contender.variant})
+        rows.append(record)
+    return rows
+
+
+def csv_text(result: ShapeResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(result.names), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_rows(result))
+    return buffer.getvalue()
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no infinity: an error of inf (NaN in the output) is written as null.
+    return value if math.isfinite(value) else None
+
+
+def metadata(settings: CompareSettings) -> dict:
+    import triton
+
+    from . import __version__
+
+    return {
+        "device": {"name": settings.device.name, "key": settings.device.key,
+                   "compute_capability": list(settings.device.compute_capability or []) or None},
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "moetune": __version__},
+        "command_line": settings.command_line,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timing": "CUDA graph of 10 calls, median of 20 replays" if settings.device.is_gpu
+                  else "wall clock under Triton's interpreter: meaningless for speed",
+        "roofline": "max(bytes / 4.25 TB/s, FLOPs / 807 TFLOP/s): H200 ceilings",
+        "seed": settings.seed,
+    }
+
+
+def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str:
+    shape = result.plan.shape
+    rows = []
+    for row in result.rows:
+        contenders = {}
+        for name in result.names:
+            measured = row.measured[name]
+            c = measured.contender
+            contenders[name] = {"us": measured.time_us, "rel_error": _finite_or_none(measured.rel_error),
+                                "variant": c.variant, "source": c.source, "table_batch_size": c.batch_size,
+                                "gemm1": c.gemm1, "gemm2": c.gemm2}
+        rows.append({"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us,
+                     "fused_speedup": row.speedup, "unfused_roofline_ratio": row.roofline_ratio("unfused"),
+                     "fused_roofline_ratio": row.roofline_ratio("fused"), "winner": row.winner,
+                     "dispatcher_pick": row.measured["dispatcher"].contender.variant, "contenders": contenders})
+    document = {
+        "metadata": {**meta, "config_sources": {name: contender_sources(result.rows, name) for name in result.names},
+                     "notes": result.plan.notes},
+        "shape": {"name": shape.name, "E": shape.E, "N": shape.N, "K": shape.K, "topk": shape.topk,
+                  "tp_size": settings.tp_size, "dtype": settings.dtype},
+        "tolerance": result.tolerance,
+        "rows": rows,
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _png(draw: Callable) -> bytes:
+    # A bare Figure on the Agg canvas: no pyplot state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    draw(figure.add_subplot())
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def time_plot(result: ShapeResult, title: str) -> bytes:
+    def draw(axes) -> None:
+        batch_sizes = [row.M for row in result.rows]
+        for name in result.names:
+            axes.plot(batch_sizes, [row.us(name) for row in result.rows], marker="o", label=name)
+        axes.plot(batch_sizes, [row.roofline_us for row in result.rows], linestyle=":", color="gray",
+                  label="roofline floor")
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("batch size M (tokens)")
+        axes.set_ylabel("layer time (µs)")
+        axes.set_title(title)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    return _png(draw)
+
+
+def speedup_plot(result: ShapeResult, title: str) -> bytes:
+    def draw(axes) -> None:
+        axes.plot([row.M for row in result.rows], [row.speedup for row in result.rows], marker="o")
+        axes.axhline(1.0, color="gray", linestyle="--")
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("batch size M (tokens)")
+        axes.set_ylabel("fused speedup (unfused µs / fused µs)")
+        axes.set_title(title)
+        axes.grid(True, which="both", alpha=0.3)
+    return _png(draw)
+
+
+def write_results(results: list[ShapeResult], settings: CompareSettings) -> list[Path]:
+    """Render every file first, then write each atomically; returns the paths written."""
+    meta = metadata(settings)
+    files: list[tuple[Path, bytes]] = []
+    for result in results:
+        stem = file_stem(result.plan.shape, settings.dtype, settings.tp_size)
+        title = f"{result.plan.shape.describe()}, {settings.dtype}, {settings.device.name}"
+        if not settings.device.is_gpu:
+            title += "\n(Triton's interpreter: the times mean nothing about speed)"
+        base = settings.out_dir / stem
+        files += [
+            (base.with_name(stem + ".csv"), csv_text(result).encode()),
+            (base.with_name(stem + ".json"), json_text(result, settings, meta).encode()),
+            (base.with_name(stem + "_time.png"), time_plot(result, title)),
+            (base.with_name(stem + "_speedup.png"), speedup_plot(result, title)),
+        ]
+    for path, data in files:
+        write_atomic(path, data)
+    return [path for path, _ in files]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a part: write a temp file, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target (os.replace is atomic within one file system); open() keeps the umask.
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
