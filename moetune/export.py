@@ -239,7 +239,11 @@ def export_command(args: argparse.Namespace) -> int:
     if not tables:
         raise UsageError("no tables found for this device; name them with --table PATH")
     files, messages = plan_export(tables, args.format)
-    out = Path(args.out)
+    return write_planned(files, messages, Path(args.out))
+
+
+def write_planned(files: list[PlannedFile], messages: list[str], out: Path) -> int:
+    """Write planned vLLM/SGLang files atomically and report each one."""
     for file in files:
         write_json_atomic(out / file.relative, foreign_json(file.configs))
         print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
@@ -302,13 +306,7 @@ def import_command(args: argparse.Namespace) -> int:
     files, messages = plan_import(args.paths)
     if not files:
         raise UsageError("no vLLM/SGLang config files found in " + " ".join(args.paths))
-    out = Path(args.out)
-    for file in files:
-        write_json_atomic(out / file.relative, foreign_json(file.configs))
-        print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
-    for message in messages:
-        print(message)
-    return 0
+    return write_planned(files, messages, Path(args.out))
 
 
 @dataclass

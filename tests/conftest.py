@@ -31,3 +31,17 @@ def poison_empty(monkeypatch):
 def rng():
     """A fresh generator per test: inputs differ between tests but a failure reproduces."""
     return torch.Generator().manual_seed(torch.seed() % (2**31))
+
+
+@pytest.fixture
+def isolated_loader(monkeypatch, tmp_path):
+    """No loader environment settings, an empty packaged folder, fresh caches; yields that folder."""
+    import moetune.loader as loader
+
+    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
+        monkeypatch.delenv(name, raising=False)
+    packaged = tmp_path / "packaged"
+    monkeypatch.setattr(loader, "PACKAGED_DIR", packaged)
+    loader.clear_cache()
+    yield packaged
+    loader.clear_cache()

@@ -42,17 +42,10 @@ def launches(monkeypatch):
 
 
 @pytest.fixture
-def tables(tmp_path, monkeypatch):
-    import moetune.loader as loader
-
-    packaged, env = tmp_path / "packaged", tmp_path / "env"
-    monkeypatch.setattr(loader, "PACKAGED_DIR", packaged)
+def tables(isolated_loader, tmp_path, monkeypatch):
+    env = tmp_path / "env"
     monkeypatch.setenv("MOETUNE_CONFIG_DIR", str(env))
-    monkeypatch.delenv("MOETUNE_STRICT", raising=False)
-    monkeypatch.delenv("MOETUNE_DETERMINISTIC", raising=False)
-    clear_cache()
-    yield packaged, env
-    clear_cache()
+    return isolated_loader, env
 
 
 def layer_inputs():

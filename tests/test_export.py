@@ -40,13 +40,9 @@ RUNNING_FOLDER = sglang_version_folder(triton.__version__)
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(loader, "PACKAGED_DIR", tmp_path / "packaged")
-    clear_cache()
-    yield
-    clear_cache()
+def isolated(isolated_loader):
+    """Every test runs with no loader environment settings and an empty packaged folder."""
+    return isolated_loader
 
 
 def run_cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:

@@ -23,14 +23,9 @@ SHAPE_ARGS = (SHAPE["E"], SHAPE["N"], SHAPE["K"], SHAPE["topk"], "bf16")
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No environment settings, an empty packaged folder, and fresh caches per test."""
-    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(loader, "PACKAGED_DIR", tmp_path / "packaged")
-    clear_cache()
-    yield
-    clear_cache()
+def isolated(isolated_loader):
+    """Every test runs with no loader environment settings and an empty packaged folder."""
+    return isolated_loader
 
 
 def put(root, table, device_key=None) -> str:
