@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("moetune.export", "write tables as vLLM or SGLang config files"),
     "import": ("moetune.export", "read vLLM/SGLang config files into a folder for --baseline-configs"),
     "show": ("moetune.loader", "list the tables this machine would use and the configs picked per batch size"),
+    "collect": ("moetune.collect_cli", "write the tables from the studies `moetune run --worker` processes filled"),
 }
 
 

@@ -9,14 +9,24 @@ For each batch size, in ascending order:
      top few interleaved, and keep the fastest pair that passes the check;
   3. merge the batch size into the table and write it atomically, so a killed run keeps it.
 Finished trials live in the Optuna storage: rerunning the same command resumes.
+
+Several processes may share the studies (`run --devices`, `run --worker` on several hosts).
+Each walks the same list of studies and joins any that still has trials to give out: the
+trials other processes hold RUNNING count against the budget, so together they overshoot it
+by at most one trial per process asking at the same instant. After its walk a process waits
+until every study is settled, taking over the trials of a process that died (see
+study_storage). Only a process that writes tables runs step 2, once all roles of the batch
+size are settled; workers write none, and `collect` writes the tables from the storage.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 import statistics
 import time
+import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +38,20 @@ from .bench_layer import ROLE_VARIANT, ROLES, BatchBench
 from .bench import make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo
+from .errors import UsageError
 from .shapes import MoEShape
-from .space import Problem, SearchSpace, optuna_distributions, prune_reason
+from .space import Problem, SearchSpace, candidates, optuna_distributions, prune_reason
+from .studies import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, params_key, rejection_reasons,
+                      study_name, study_result, study_state, study_suffix)
+from .study_storage import (DEFAULT_HEARTBEAT_S, TrialHeartbeat, ask, default_journal, fail_stale_trials,
+                            open_storage)
 from .tables import merge_tables, new_table, read_table, table_path, write_table
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-STUDY_FILE = "moetune-studies.journal"
 COMPILE_TIMEOUT_S = 180.0
 MIN_TRIALS_PAST_DEADLINE = 4
-# Status of a trial, in its user attributes; "counted" ones use up --trials.
-COUNTED = ("measured", "wrong_result", "compile_failed", "launch_failed")
+# How often a process with nothing left to ask looks again at the studies others hold.
+WAIT_POLL_S = 2.0
 
 
 @dataclass
@@ -58,38 +72,31 @@ class TuneSettings:
     top_pairs: int = 3
     retime_rounds: int = 3
     progress: bool = True
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    # Added to the samplers' seeds: processes sharing studies must not propose the same configs.
+    sampler_salt: int = 0
+    label: str = ""  # names this process in its log lines when several run at once
+    bar_position: int | None = None
 
 
-@dataclass
-class RoleResult:
-    config: dict
-    time_us: float
-    ranked: list[tuple[float, dict]] = field(default_factory=list)  # best first
+def storage_location(settings: TuneSettings) -> str:
+    """The --storage URL or journal file, else a journal file beside the tables."""
+    return settings.storage or str(default_journal(settings.out_dir, settings.device.key))
 
 
-def storage_for(settings: TuneSettings):
-    """The Optuna storage: the given URL, else a journal file beside the tables."""
-    import optuna
-
-    if settings.storage:
-        return optuna.storages.RDBStorage(settings.storage) if "://" in settings.storage else \
-            optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(settings.storage))
-    folder = settings.out_dir / settings.device.key
-    folder.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(str(folder / STUDY_FILE))
-    return optuna.storages.JournalStorage(backend)
+def sharer(settings: TuneSettings) -> Sharer:
+    where = f"--storage {settings.storage!r}" if settings.storage else repr(storage_location(settings))
+    return Sharer(settings.device, settings.heartbeat_s, where)
 
 
-def study_name(device: DeviceInfo, shape: MoEShape, dtype: str, role: str, M: int) -> str:
-    return f"{device.key}/E={shape.E},N={shape.N},K={shape.K},topk={shape.topk}/{dtype}/{role}/M={M}"
+def run_suffixes(settings: TuneSettings) -> set[str]:
+    return {study_suffix(shape, settings.dtype, role, M)
+            for shape in settings.shapes for M in settings.batch_sizes for role in roles_for(settings.variants)}
 
 
-def config_of(params: dict) -> dict:
-    return {key: int(params[key]) for key in CONFIG_KEYS}
-
-
-def _params_key(config: dict) -> tuple:
-    return tuple(config[key] for key in CONFIG_KEYS)
+def worker_salt() -> int:
+    """A sampler seed offset of its own for each process of a shared run."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
 
 
 # -- compiling ahead ---------------------------------------------------------------------------
@@ -129,89 +136,191 @@ class Compiler:
 # -- one study ---------------------------------------------------------------------------------
 
 class RoleStudy:
-    """Tunes one role at one batch size: ask -> prune -> compile ahead -> check -> time -> tell."""
+    """Tunes one role at one batch size: ask -> prune -> compile ahead -> check -> time -> tell.
 
-    def __init__(self, study, role: str, bench: BatchBench, settings: TuneSettings, compiler: Compiler,
-                 clock: "Clock", on_trial: Callable[[], None]):
-        self.study, self.role, self.bench, self.settings = study, role, bench, settings
-        self.compiler, self.clock, self.on_trial = compiler, clock, on_trial
+    `bench` builds the batch size's inputs on first use: a study that needs no trial never
+    computes the reference.
+    """
+
+    def __init__(self, study, role: str, shape: MoEShape, M: int, settings: TuneSettings,
+                 bench: Callable[[], BatchBench], compiler: Compiler, clock: "Clock", heartbeat: TrialHeartbeat,
+                 on_progress: Callable[[int], None] = lambda counted: None):
+        self.study, self.role, self.M, self.settings = study, role, M, settings
+        self.make_bench, self.compiler, self.clock = bench, compiler, clock
+        self.heartbeat, self.on_progress = heartbeat, on_progress
         kind = "gemm1" if role == "gemm1" else "gemm2"
-        b = bench
-        self.problem = Problem.for_role(kind, b.M, b.E, b.N, b.K, b.topk, b.w1.element_size())
+        self.problem = Problem.for_role(kind, M, shape.E, shape.N, shape.K, shape.topk,
+                                        TORCH_DTYPES[settings.dtype].itemsize)
         self.distributions = optuna_distributions(settings.space)
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": settings.label or None}
         self.seen: dict[tuple, float | None] = {}
-        for trial in study.trials:
-            if trial.state.name in ("COMPLETE", "PRUNED") and trial.params:
-                key = _params_key(config_of(trial.params))
-                self.seen[key] = trial.value if trial.state.name == "COMPLETE" else None
+        # Why this process stopped asking short of the budget: the time budget, or a search
+        # space so small that the sampler proposes only configs already tried or pruned.
+        self.stopped_short: str | None = None
+        self.attempts = 0  # asks since this process last had reason to hope for new configs
+        self.gave_up_at = 0  # trials counted when it stopped for want of new configs
+
+    @property
+    def bench(self) -> BatchBench:
+        return self.make_bench()
 
     def counted(self) -> int:
-        return sum(1 for t in self.study.trials if t.user_attrs.get("status") in COUNTED)
+        return study_state(self.study).counted
+
+    def settled(self) -> bool:
+        """Nothing left for this process to do or wait for."""
+        fail_stale_trials(self.study)
+        state = study_state(self.study)
+        if state.in_flight:
+            return False
+        if state.counted >= self.settings.trials or self.stopped_short == "time budget":
+            return True
+        # Out of new configs, unless a retry was queued or others measured more since.
+        return self.stopped_short is not None and not state.waiting and state.counted <= self.gave_up_at
 
     def enqueue(self, configs: list[dict]) -> None:
-        """Warm starts, queued only when the study is new (a resumed one has them already)."""
-        if self.study.trials:
-            return
+        """Warm starts, queued by the process that creates the study. One the rules would prune
+        (the heuristic's tiles can be wider than a small problem) gives way to the nearest
+        config they keep, so the sampler starts next to a config that runs."""
         queued = set()
         for config in configs:
-            key = _params_key(config)
-            in_space = all(config[k] in self.settings.space.values[k] for k in CONFIG_KEYS)
-            if key not in queued and in_space:
+            if not all(config[k] in self.settings.space.values[k] for k in CONFIG_KEYS):
+                continue
+            if prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
+                            self.settings.space) is not None:
+                config = self._nearest_kept(config)
+                if config is None:
+                    continue
+            key = params_key(config)
+            if key not in queued:
                 queued.add(key)
                 self.study.enqueue_trial(config, skip_if_exists=True)
 
-    def run(self, deadline: float) -> None:
+    def _nearest_kept(self, config: dict) -> dict | None:
+        kept = candidates(self.settings.space, self.problem, self.settings.device.shared_memory_bytes)
+        if not kept:
+            return None
+        return min(kept, key=lambda c: sum(abs(math.log2(c[k] / config[k])) for k in CONFIG_KEYS))
+
+    def _survey(self) -> StudyState:
+        """The study as all processes left it; learns the configs they finished."""
+        trials = self.study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state.name in ("COMPLETE", "PRUNED") and trial.params:
+                key = params_key(config_of(trial.params))
+                value = trial.value if trial.state.name == "COMPLETE" else None
+                if value is not None or key not in self.seen:
+                    self.seen[key] = value
+        state = study_state(self.study, trials)
+        self.on_progress(state.counted)
+        return state
+
+    def run(self, deadline: float) -> int:
+        """Ask and evaluate while the study has budget no process holds; returns the trials
+        evaluated here."""
+        target = self.settings.trials
+        # Past the deadline a study still measures a few configs (the warm starts come
+        # first), so every batch size gets a checked winner.
+        floor = min(target, MIN_TRIALS_PAST_DEADLINE)
+        evaluated = 0
+        pending: list = []  # (trial, config, future) compiled ahead
+        current = None  # the trial being evaluated
+        batch = max(1, self.compiler.pool._max_workers if self.compiler.pool else 1)
+        try:
+            while True:
+                self.heartbeat.catch_up()
+                fail_stale_trials(self.study)
+                state = self._survey()
+                if self.stopped_short == "no new configs" and state.counted > self.gave_up_at:
+                    self.stopped_short, self.attempts = None, 0  # the sampler has learnt more since
+                done = state.counted + state.in_flight
+                while len(pending) < batch and done < target:
+                    if time.monotonic() >= deadline and done >= floor:
+                        self.stopped_short = "time budget"
+                        break
+                    if self.attempts >= 20 * target + 50 and not state.waiting:
+                        self.stopped_short, self.gave_up_at = "no new configs", state.counted
+                        break
+                    self.attempts += 1
+                    trial = self._ask()
+                    config = config_of(trial.params)
+                    key = params_key(config)
+                    reason = prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
+                                          self.settings.space)
+                    if reason is not None:
+                        trial.set_user_attr("status", "rule_pruned")
+                        trial.set_user_attr("reason", reason)
+                        self._tell(trial, state="PRUNED")
+                        continue
+                    # Look again: other processes may have taken trials since the last look.
+                    state = self._survey()
+                    others = {k for number, k in state.held.items() if number != trial.number}
+                    if key in self.seen or key in others or any(params_key(c) == key for _, c, _ in pending):
+                        trial.set_user_attr("status", "duplicate")
+                        value = self.seen.get(key)
+                        if value is None:
+                            self._tell(trial, state="PRUNED")
+                        else:
+                            self._tell(trial, value)
+                        continue
+                    # The trials held longest go first: of two processes asking at once, the later yields.
+                    ahead = sum(1 for number in state.held if number < trial.number)
+                    if state.counted + ahead >= target:
+                        trial.set_user_attr("status", "surplus")
+                        self._tell(trial, state="FAIL")
+                        break
+                    geometry = self.bench.geometry(self.role, config["BLOCK_SIZE_M"])
+                    future = self.compiler.submit(self.role, self.settings.dtype, geometry, config, self.bench.topk)
+                    pending.append((trial, config, future))
+                    done = state.counted + state.in_flight
+                if not pending:
+                    return evaluated
+                current, config, future = pending.pop(0)
+                self._evaluate(current, config, future)
+                current = None
+                evaluated += 1
+        finally:
+            # Interrupted: end what was asked and not told, so no other process waits for it.
+            for trial in [t for t, _, _ in pending] + ([current] if current is not None else []):
+                try:
+                    self._tell(trial, state="FAIL")
+                except Exception:  # noqa: BLE001 - the storage may be what failed; heartbeats then expire
+                    pass
+
+    def _ask(self):
+        trial = ask(self.study, self.distributions)
+        self.heartbeat.track(trial._trial_id)
+        trial.set_user_attr(WORKER_ATTR, {**self.worker, "trial": trial.number})
+        return trial
+
+    def _tell(self, trial, value: float | None = None, state: str | None = None) -> None:
         import optuna
 
-        target = self.settings.trials
-        attempts = 0
-        pending: list = []  # (trial, config, future) compiled ahead
-        batch = max(1, self.compiler.pool._max_workers if self.compiler.pool else 1)
-        while True:
-            done = self.counted() + sum(1 for _ in pending)
-            # Past the deadline a study still measures a few configs (the warm starts come
-            # first), so every batch size gets a checked winner.
-            floor = min(target, MIN_TRIALS_PAST_DEADLINE)
-            while (len(pending) < batch and done < target and attempts < 20 * target + 50
-                   and (time.monotonic() < deadline or done < floor)):
-                attempts += 1
-                trial = self.study.ask(self.distributions)
-                config = config_of(trial.params)
-                key = _params_key(config)
-                reason = prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
-                                      self.settings.space)
-                if reason is not None:
-                    trial.set_user_attr("status", "rule_pruned")
-                    trial.set_user_attr("reason", reason)
-                    self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    continue
-                if key in self.seen or any(_params_key(c) == key for _, c, _ in pending):
-                    trial.set_user_attr("status", "duplicate")
-                    value = self.seen.get(key)
-                    if value is None:
-                        self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    else:
-                        self.study.tell(trial, value)
-                    continue
-                geometry = self.bench.geometry(self.role, config["BLOCK_SIZE_M"])
-                future = self.compiler.submit(self.role, self.settings.dtype, geometry, config, self.bench.topk)
-                pending.append((trial, config, future))
-                done += 1
-            if not pending:
-                return
-            trial, config, future = pending.pop(0)
-            self._evaluate(trial, config, future)
-            self.on_trial()
+        try:
+            if state is None:
+                self.study.tell(trial, value)
+            else:
+                self.study.tell(trial, state=optuna.trial.TrialState[state])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # its heartbeat came late and another process failed it: the retry counts instead
+        finally:
+            self.heartbeat.untrack(trial._trial_id)
 
     def _evaluate(self, trial, config: dict, future: Future | None) -> None:
         import optuna
 
-        key = _params_key(config)
+        try:
+            self._check_and_time(trial, config, future)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.heartbeat.untrack(trial._trial_id)  # failed as stale by another process, see _tell
+
+    def _check_and_time(self, trial, config: dict, future: Future | None) -> None:
+        key = params_key(config)
 
         def reject(status: str, reason: str) -> None:
             trial.set_user_attr("status", status)
             trial.set_user_attr("reason", reason[:500])
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self._tell(trial, state="PRUNED")
             self.seen[key] = None
 
         if future is not None:
@@ -237,22 +346,11 @@ class RoleStudy:
         trial.set_user_attr("status", "measured")
         trial.set_user_attr("rel_error", error)
         trial.set_user_attr("precise", precise)
-        self.study.tell(trial, value)
+        self._tell(trial, value)
         self.seen[key] = value
 
     def result(self) -> RoleResult | None:
-        measured = [(t.value, config_of(t.params)) for t in self.study.trials
-                    if t.user_attrs.get("status") == "measured" and t.value is not None
-                    and t.user_attrs.get("precise", True)]
-        if not measured:
-            return None
-        measured.sort(key=lambda item: item[0])
-        unique, keys = [], set()
-        for value, config in measured:
-            if _params_key(config) not in keys:
-                keys.add(_params_key(config))
-                unique.append((value, config))
-        return RoleResult(unique[0][1], unique[0][0], unique)
+        return study_result(self.study)
 
 
 @dataclass
@@ -291,6 +389,21 @@ def choose_pair(bench: BatchBench, variant: str, gemm1: RoleResult, gemm2: RoleR
     raise RuntimeError(f"no {variant} pair passed the correctness check at M={bench.M}")
 
 
+def batch_entry(bench: BatchBench, studies: dict[str, object], settings: TuneSettings, clock: Clock) -> dict:
+    """The table entry of one batch size, from the settled studies of its roles."""
+    results = {}
+    for role, study in studies.items():
+        results[role] = study_result(study)
+        if results[role] is None:
+            raise RuntimeError(f"no config of {role} at M={bench.M} compiled, ran and passed the check; "
+                               f"reasons: {'; '.join(rejection_reasons(study))[:400]}")
+    entry = {}
+    for variant in settings.variants:
+        entry[variant] = choose_pair(bench, variant, results["gemm1"], results["gemm2_" + variant], settings, clock)
+    entry["winner"] = min(settings.variants, key=lambda v: entry[v]["layer_us"])
+    return entry
+
+
 # -- the whole run -----------------------------------------------------------------------------
 
 def _baseline_configs(settings: TuneSettings, shape: MoEShape):
@@ -318,105 +431,244 @@ def roles_for(variants: list[str]) -> list[str]:
     return ["gemm1"] + [role for role in ROLES[1:] if ROLE_VARIANT[role] in variants]
 
 
-def tune(settings: TuneSettings, log: Callable[[str], None] = print) -> list[Path]:
-    """Tune every shape and batch size of `settings`; returns the tables written."""
-    import optuna
-    from tqdm import tqdm
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_for(settings)
-    device = torch.device("cuda") if settings.device.is_gpu else torch.device("cpu")
-    dtype = TORCH_DTYPES[settings.dtype]
-    roles = roles_for(settings.variants)
-    clock = Clock()
-    deadline_all = clock.start + settings.time_budget_min * 60 if settings.time_budget_min else math.inf
-    studies_total = len(settings.shapes) * len(settings.batch_sizes) * len(roles)
-    studies_done = 0
-    compiler = Compiler(settings.compile_workers if settings.device.is_gpu else 0)
-    bar = tqdm(total=studies_total * settings.trials, unit="trial", disable=not settings.progress,
-               dynamic_ncols=True)
-    written: list[Path] = []
-    search = {"sampler": "TPESampler(multivariate=True, constant_liar=True)", "trials": settings.trials,
-              "seed": settings.seed, "time_budget_min": settings.time_budget_min,
-              "space": settings.space.to_dict()}
-    try:
-        for shape in settings.shapes:
-            generator = torch.Generator(device=device).manual_seed(settings.seed)
-            w1, w2 = make_weights(shape.E, shape.N, shape.K, dtype, device, generator)
-            baseline = _baseline_configs(settings, shape)
-            path = table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk,
-                              settings.dtype)
-            best_before: dict[str, list[dict]] = {}
-            summary = []
-            for M in sorted(settings.batch_sizes):
-                bench = BatchBench(w1, w2, M, shape.topk, seed=settings.seed * 7919 + M)
-                results: dict[str, RoleResult] = {}
-                for role in roles:
-                    bar.set_description(f"{shape.name or 'custom'} M={M} {role}")
-                    sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True,
-                                                         seed=settings.seed + M, n_startup_trials=8)
-                    study = optuna.create_study(study_name=study_name(settings.device, shape, settings.dtype, role, M),
-                                                storage=storage, sampler=sampler, direction="minimize",
-                                                load_if_exists=True)
-                    _fail_stale(study)
-                    runner = RoleStudy(study, role, bench, settings, compiler, clock, lambda: bar.update(1))
-                    already = min(runner.counted(), settings.trials)
-                    bar.update(already)
-                    warm = warm_starts(role, M, shape, best_before.get(role, []), baseline,
-                                       settings.device.shared_memory_bytes)
-                    runner.enqueue(warm)
-                    remaining = studies_total - studies_done
-                    study_deadline = time.monotonic() + (deadline_all - time.monotonic()) / max(remaining, 1)
-                    before = runner.counted()
-                    runner.run(study_deadline)
-                    bar.update(max(0, settings.trials - already - (runner.counted() - before)))
-                    studies_done += 1
-                    result = runner.result()
-                    if result is None:
-                        reasons = {t.user_attrs.get("reason") for t in study.trials if t.user_attrs.get("reason")}
-                        raise RuntimeError(f"no config of {role} at M={M} compiled, ran and passed the check; "
-                                           f"reasons: {'; '.join(sorted(reasons))[:400]}")
-                    results[role] = result
-                    best_before[role] = [config for _, config in result.ranked[:3]]
-                entry = {}
-                for variant in settings.variants:
-                    role2 = "gemm2_" + variant
-                    entry[variant] = choose_pair(bench, variant, results["gemm1"], results[role2], settings, clock)
-                entry["winner"] = min(settings.variants, key=lambda v: entry[v]["layer_us"])
-                summary.append((M, entry))
-                _write_entry(path, settings, shape, M, entry, search)
-                del bench
-            if path not in written:
-                written.append(path)
-            _print_summary(shape, summary, log)
-            del w1, w2
-    finally:
-        bar.close()
-        compiler.close()
-    log(f"device busy {100 * clock.busy_fraction():.0f}% of {time.monotonic() - clock.start:.0f} s wall time "
-        f"(checking and timing; the rest is compiling, sampling and bookkeeping)")
-    if not settings.device.is_gpu:
-        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
-    return written
+def search_record(settings: TuneSettings) -> dict:
+    return {"sampler": "TPESampler(multivariate=True, constant_liar=True)", "trials": settings.trials,
+            "seed": settings.seed, "time_budget_min": settings.time_budget_min, "space": settings.space.to_dict()}
 
 
-def _fail_stale(study) -> None:
-    """Trials left RUNNING by a killed run never finish: mark them failed so they are retried."""
-    import optuna
-
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+def _shape_key(shape: MoEShape) -> tuple:
+    return shape.E, shape.N, shape.K, shape.topk
 
 
-def _write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, entry: dict, search: dict) -> None:
+class Benches:
+    """The weights of one shape and the inputs of one batch size at a time, built on demand:
+    building a batch size computes its float64 reference."""
+
+    def __init__(self, settings: TuneSettings):
+        self.settings = settings
+        self.device = torch.device("cuda") if settings.device.is_gpu else torch.device("cpu")
+        self.shape_key, self.weights, self.key, self.bench = None, None, None, None
+
+    def get(self, shape: MoEShape, M: int) -> BatchBench:
+        if self.key != (_shape_key(shape), M):
+            self.bench = None  # free the previous batch size's buffers first
+            if self.shape_key != _shape_key(shape):
+                self.weights = None
+                generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
+                self.weights = make_weights(shape.E, shape.N, shape.K, TORCH_DTYPES[self.settings.dtype],
+                                            self.device, generator)
+                self.shape_key = _shape_key(shape)
+            w1, w2 = self.weights
+            self.bench = BatchBench(w1, w2, M, shape.topk, seed=self.settings.seed * 7919 + M)
+            self.key = (_shape_key(shape), M)
+        return self.bench
+
+
+def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, entry: dict) -> None:
     record = {v: {k: entry[v][k] for k in ("gemm1", "gemm2", "gemm1_us", "gemm2_us", "layer_us")}
               for v in settings.variants}
     record["winner"] = entry["winner"]
-    table = new_table(settings.device, shape.E, shape.N, shape.K, shape.topk, settings.dtype, search)
+    table = new_table(settings.device, shape.E, shape.N, shape.K, shape.topk, settings.dtype, search_record(settings))
     table["batch_sizes"] = {M: record}
     if path.exists():
         table = merge_tables(read_table(path), table)
     write_table(path, table)
+
+
+class TuningRun:
+    """One process's share of a tuning run: walk the studies, wait for the others, write."""
+
+    def __init__(self, settings: TuneSettings, storage, log: Callable[[str], None], write_tables: bool):
+        from tqdm import tqdm
+
+        self.settings, self.storage, self.log, self.write_tables = settings, storage, log, write_tables
+        self.roles = roles_for(settings.variants)
+        self.clock = Clock()
+        budget = settings.time_budget_min
+        self.deadline = self.clock.start + budget * 60 if budget else math.inf
+        self.compiler = Compiler(settings.compile_workers if settings.device.is_gpu else 0)
+        self.heartbeat = TrialHeartbeat(storage)
+        self.benches = Benches(settings)
+        self.studies: dict[tuple, RoleStudy] = {}  # (shape key, M, role) -> study
+        self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
+        self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
+        self.paths: list[Path] = []
+        self.evaluated = 0
+        total = len(settings.shapes) * len(settings.batch_sizes) * len(self.roles) * settings.trials
+        self.bar = tqdm(total=total, unit="trial", disable=not settings.progress, dynamic_ncols=True,
+                        position=settings.bar_position)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.heartbeat.close()
+        self.compiler.close()
+
+    def execute(self) -> list[Path]:
+        self._walk()
+        self._wait_for_others()
+        for shape in self.settings.shapes:
+            rows = [(M, self.written[(_shape_key(shape), M)]) for M in sorted(self.settings.batch_sizes)
+                    if (_shape_key(shape), M) in self.written]
+            if rows:
+                _print_summary(shape, rows, self.log)
+        return self.paths
+
+    # -- the walk: every process goes through the same studies in the same order
+    def _walk(self) -> None:
+        visits = len(self.settings.shapes) * len(self.settings.batch_sizes) * len(self.roles)
+        for shape in self.settings.shapes:
+            baseline = _baseline_configs(self.settings, shape)
+            best_before: dict[str, list[dict]] = {}
+            for M in sorted(self.settings.batch_sizes):
+                for role in self.roles:
+                    self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
+                    warm = warm_starts(role, M, shape, best_before.get(role, []), baseline,
+                                       self.settings.device.shared_memory_bytes)
+                    runner = self._open(shape, M, role, warm)
+                    # The time left is shared evenly by the studies not visited yet.
+                    now = time.monotonic()
+                    self.evaluated += runner.run(now + (self.deadline - now) / max(visits, 1))
+                    visits -= 1
+                    result = runner.result()
+                    if result is not None:
+                        best_before[role] = [config for _, config in result.ranked[:3]]
+                batch = [(_shape_key(shape), M, role) for role in self.roles]
+                self._write_if_settled(shape, M, {key for key in batch if self.studies[key].settled()})
+
+    def _open(self, shape: MoEShape, M: int, role: str, warm: list[dict]) -> RoleStudy:
+        import optuna
+
+        key = (_shape_key(shape), M, role)
+        sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8,
+                                             seed=(self.settings.seed + M + self.settings.sampler_salt) % 2**32)
+        name = study_name(self.settings.device, shape, self.settings.dtype, role, M)
+        study, created = sharer(self.settings).open(self.storage, name, sampler)
+        runner = RoleStudy(study, role, shape, M, self.settings, lambda: self.benches.get(shape, M), self.compiler,
+                           self.clock, self.heartbeat, lambda counted: self._progress(key, counted))
+        if created:
+            runner.enqueue(warm)
+        self.studies[key] = runner
+        return runner
+
+    def _progress(self, key: tuple, counted: int) -> None:
+        counted = min(counted, self.settings.trials)
+        if counted > self.shown.get(key, 0):
+            self.bar.update(counted - self.shown.get(key, 0))
+            self.shown[key] = counted
+
+    # -- after the walk: studies other processes still hold
+    def _wait_for_others(self) -> None:
+        waited = False
+        while True:
+            settled = {key for key, runner in self.studies.items() if runner.settled()}
+            for shape in self.settings.shapes:
+                for M in sorted(self.settings.batch_sizes):
+                    self._write_if_settled(shape, M, settled)
+            unsettled = [(key, runner) for key, runner in self.studies.items() if key not in settled]
+            if not unsettled:
+                return
+            if not waited:
+                self.log(f"waiting for {len(unsettled)} studies other processes hold")
+                waited = True
+            ran = 0
+            for _, runner in unsettled:
+                ran += runner.run(self.deadline)
+            self.evaluated += ran
+            if not ran:
+                time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
+
+    def _write_if_settled(self, shape: MoEShape, M: int, settled: set[tuple]) -> None:
+        """Choose the batch size's pairs and write it, once all its roles are settled."""
+        batch = (_shape_key(shape), M)
+        if not self.write_tables or batch in self.written:
+            return
+        if not all((*batch, role) in settled for role in self.roles):
+            return
+        runners = {role: self.studies[(*batch, role)] for role in self.roles}
+        bench = self.benches.get(shape, M)
+        entry = batch_entry(bench, {role: r.study for role, r in runners.items()}, self.settings, self.clock)
+        path = table_path(self.settings.out_dir, self.settings.device.key, shape.E, shape.N, shape.K, shape.topk,
+                          self.settings.dtype)
+        write_entry(path, self.settings, shape, M, entry)
+        self.written[batch] = entry
+        if path not in self.paths:
+            self.paths.append(path)
+
+
+def _log_device_use(settings: TuneSettings, clock: Clock, log: Callable[[str], None]) -> None:
+    log(f"device busy {100 * clock.busy_fraction():.0f}% of "
+        f"{time.monotonic() - clock.start:.0f} s wall time "
+        f"(checking and timing; the rest is compiling, sampling and bookkeeping)")
+
+
+def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True) -> list[Path]:
+    """Tune every shape and batch size of `settings`; returns the tables written.
+
+    write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_location(settings), settings.heartbeat_s)
+    sharer(settings).check_storage(storage, run_suffixes(settings))
+    run = TuningRun(settings, storage, log, write_tables)
+    try:
+        written = run.execute()
+    finally:
+        run.close()
+    _log_device_use(settings, run.clock, log)
+    if not write_tables:
+        log(f"{run.evaluated} trials evaluated here; "
+            f"no table written (a worker leaves that to `moetune collect`)")
+    elif not settings.device.is_gpu:
+        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
+    return written
+
+
+def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_incomplete: bool = False) -> list[Path]:
+    """Write the tables from studies that workers settled: the pair choice runs here, on
+    this one device, so that every batch size's layer times compare."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_location(settings), settings.heartbeat_s)
+    roles = roles_for(settings.variants)
+    share = sharer(settings)
+    share.check_storage(storage, run_suffixes(settings))
+    studies: dict[tuple, object] = {}
+    for shape in settings.shapes:
+        for M in sorted(settings.batch_sizes):
+            for role in roles:
+                name = study_name(settings.device, shape, settings.dtype, role, M)
+                study = share.load(storage, name)
+                if study is None:
+                    raise UsageError(f"{share.where} has no study {name!r}: run the workers first, "
+                                     f"with the same shape, --dtype, --batch-sizes and --variants")
+                fail_stale_trials(study)
+                state = study_state(study)
+                if state.in_flight:
+                    raise UsageError(f"study {name!r} has {state.in_flight} trials running: "
+                                     f"wait for the workers to finish")
+                if state.counted < settings.trials and not allow_incomplete:
+                    raise UsageError(f"study {name!r} has {state.counted} of {settings.trials} trials: wait for "
+                                     f"the workers, or pass --allow-incomplete (a time budget stops studies short)")
+                studies[(_shape_key(shape), M, role)] = study
+    clock = Clock()
+    benches = Benches(settings)
+    written = []
+    for shape in settings.shapes:
+        path = table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk,
+                          settings.dtype)
+        rows = []
+        for M in sorted(settings.batch_sizes):
+            entry = batch_entry(benches.get(shape, M), {role: studies[(_shape_key(shape), M, role)] for role in roles},
+                                settings, clock)
+            write_entry(path, settings, shape, M, entry)
+            rows.append((M, entry))
+        written.append(path)
+        _print_summary(shape, rows, log)
+    if not settings.device.is_gpu:
+        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
+    return written
 
 
 def _print_summary(shape: MoEShape, summary: list, log: Callable[[str], None]) -> None:

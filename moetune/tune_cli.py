@@ -1,20 +1,48 @@
-"""`moetune run`: check every input first (one-line errors, nothing written), then tune."""
+"""`moetune run`: check every input first (one-line errors, nothing written), then tune.
+
+One process tunes on one GPU by default; `--devices 0,1` runs one worker per GPU sharing the
+studies, and `--worker` (on any number of hosts sharing a --storage) tunes without writing
+tables, which `moetune collect` (collect_cli.py) writes afterwards."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from .device import DeviceInfo, local_device
 from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
 from .space import load_space
+from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url
+from .workers import device_of, parse_devices
 
 VARIANTS = ("unfused", "fused")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="stop sampling when this many minutes are spent (shared over all studies)")
+    parser.add_argument("--baseline-configs", default=None, metavar="DIR",
+                        help="folder of vLLM/SGLang config files to warm-start from")
+    parser.add_argument("--compile-workers", type=int, default=None,
+                        help="processes compiling candidates ahead (default: CPU cores - 1, at most 16, "
+                             "shared by the --devices)")
+    parser.add_argument("--devices", default=None, metavar="0,1,...",
+                        help="GPUs to tune on, one worker process each, sharing the studies (default: the "
+                             "current GPU); without a GPU, each is one more interpreter process")
+    parser.add_argument("--worker", action="store_true",
+                        help="run trials only and write no table: for several hosts sharing a --storage, "
+                             "after which `moetune collect` writes the tables")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What names a tuning run: `run` and `collect` take these alike."""
     shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
     shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
     shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
@@ -30,19 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
     parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
     parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                        help="stop sampling when this many minutes are spent (shared over all studies)")
     parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL (e.g. sqlite:///s.db, postgresql://...) or a journal file path; "
                              "default: a journal file beside the tables")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline-configs", default=None, metavar="DIR",
-                        help="folder of vLLM/SGLang config files to warm-start from")
     parser.add_argument("--space", default=None, metavar="YAML", help="search space overriding the default")
-    parser.add_argument("--compile-workers", type=int, default=None,
-                        help="processes compiling candidates ahead (default: CPU cores - 1, at most 16)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
+                        help=f"how often a process records that its trials are alive; a trial silent for "
+                             f"{GRACE_BEATS} intervals is failed and retried (default {DEFAULT_HEARTBEAT_S}; "
+                             f"the same on every host)")
 
 
 def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
@@ -78,7 +103,7 @@ def check_storage(url: str) -> None:
     try:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(url)
+        engine = sqlalchemy.create_engine(database_url(url))
         if engine.dialect.name == "sqlite":
             database = engine.url.database
             if database and database != ":memory:":
@@ -104,6 +129,7 @@ def parse_variants(text: str) -> list[str]:
 
 
 def build_settings(args: argparse.Namespace):
+    """(settings, devices): devices is None without --devices."""
     from .tune import TuneSettings
 
     shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
@@ -114,7 +140,10 @@ def build_settings(args: argparse.Namespace):
         raise UsageError(f"--trials must be at least 1, got {args.trials}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise UsageError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
-    device = resolve_gpu(args.gpu, local_device())
+    if args.heartbeat < 1:
+        raise UsageError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    devices = parse_devices(args.devices) if args.devices is not None else None
+    device = resolve_gpu(args.gpu, device_of(devices) if devices else local_device())
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)
     if args.storage:
@@ -130,19 +159,27 @@ def build_settings(args: argparse.Namespace):
         raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no bf16 atomic add")
     workers = args.compile_workers
     if workers is None:
-        workers = min(16, max(0, (os.cpu_count() or 1) - 1))
+        cores = min(16, max(0, (os.cpu_count() or 1) - 1))
+        workers = max(min(cores, 1), cores // len(devices or [0]))  # the GPUs' processes share the cores
     if workers < 0:
         raise UsageError(f"--compile-workers must be >= 0, got {workers}")
-    return TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
-                        trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
-                        storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
-                        compile_workers=workers, progress=not args.no_progress,
-                        # The interpreter's timings mean nothing: keep the final layer stage short.
-                        top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
+    settings = TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
+                            trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
+                            storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
+                            compile_workers=workers, progress=not args.no_progress, heartbeat_s=args.heartbeat,
+                            # The interpreter's timings mean nothing: keep the final layer stage short.
+                            top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
+    return settings, devices
+
+
+def use_gpu(settings, index: int | None) -> None:
+    """Run this process's kernels on GPU `index` (of --devices)."""
+    if index is not None and settings.device.is_gpu:
+        torch.cuda.set_device(index)
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
+    settings, devices = build_settings(args)
     from .tune import tune
 
     names = ", ".join(s.describe() for s in settings.shapes)
@@ -151,7 +188,30 @@ def main(args: argparse.Namespace) -> int:
           f"{settings.trials} trials per role and batch size")
     if not settings.device.is_gpu:
         print("no GPU: kernels run in Triton's interpreter; the timings will mean nothing")
-    written = tune(settings)
+    if devices is not None and len(devices) > 1:
+        kind = "GPUs" if settings.device.is_gpu else "interpreter processes"
+        print(f"{len(devices)} workers ({kind} {','.join(map(str, devices))}) share the studies")
+    if args.worker:
+        print("worker: runs trials only and writes no table (`moetune collect` writes them)")
+    if devices is not None and len(devices) > 1:
+        from .workers import run_workers
+
+        run_workers(settings, devices)
+        if args.worker:
+            return 0
+        # The pairs are timed on one GPU only, so that all layer times in a table compare.
+        use_gpu(settings, devices[0])
+        from .tune import collect
+
+        written = collect(settings, allow_incomplete=True)
+    else:
+        use_gpu(settings, devices[0] if devices else None)
+        if args.worker:
+            from .tune import worker_salt
+
+            tune(replace(settings, sampler_salt=worker_salt()), write_tables=False)
+            return 0
+        written = tune(settings)
     for path in written:
         print(f"wrote {path}")
     return 0
