@@ -35,7 +35,7 @@ import torch
 
 from .device import DeviceInfo, local_device, torch_device
 from .errors import UsageError
-from .shapes import DEFAULT_BATCH_SIZES, MoEShape, parse_batch_sizes, resolve_shapes
+from .shapes import DEFAULT_BATCH_SIZES, MoEShape, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .tune_cli import check_out_dir, resolve_gpu
 
 CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")
@@ -125,14 +125,7 @@ class ShapeResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
-    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
-    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
-    shape.add_argument("--E", type=int, help="number of experts")
-    shape.add_argument("--topk", type=int, help="experts per token")
-    shape.add_argument("--hidden", type=int, help="hidden size K")
-    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
-    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
+    add_shape_arguments(parser)
     parser.add_argument("--gpu", default="auto", help="GPU to compare on; must match the local one (default: auto)")
     parser.add_argument("--dtype", default=None, choices=tuple(TORCH_DTYPES),
                         help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")

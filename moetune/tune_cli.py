@@ -15,7 +15,7 @@ import torch
 
 from .device import DeviceInfo, local_device
 from .errors import UsageError
-from .shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
+from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .space import load_space
 from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url
 from .workers import device_of, parse_devices
@@ -43,14 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What names a tuning run: `run` and `collect` take these alike."""
-    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
-    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
-    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
-    shape.add_argument("--E", type=int, help="number of experts")
-    shape.add_argument("--topk", type=int, help="experts per token")
-    shape.add_argument("--hidden", type=int, help="hidden size K")
-    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
-    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
+    add_shape_arguments(parser)
     parser.add_argument("--gpu", default="auto", help="GPU the table is for; must match the local one (default: auto)")
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
                         help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
