@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -42,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="folder for the JSON results (default $OUT, else ./out)")
+    parser.add_argument("--out", default=None, help="folder for the JSON results (default ./out)")
     return parser.parse_args(argv)
 
 
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_prefill: {error}", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out_dir = Path(args.out or os.environ.get("OUT") or "out")
+    out_dir = Path(args.out or "out")
     device = local_device()
 
     layers, own_weights = build_layers(shape, count, dtype, args.seed)

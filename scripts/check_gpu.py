@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def nearest(table: dict[int, dict], M: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--out", default="out")
     parser.add_argument("--shapes", default="qwen3,qwen2,deepseek")
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)))
     parser.add_argument("--check-m", default="64,1024", help="batch sizes of the correctness check")
