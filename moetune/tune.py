@@ -118,6 +118,8 @@ class Compiler:
 
     def __init__(self, workers: int):
         self.pool = None
+        # Candidates kept in flight: one per compiling process, or one at a time inline.
+        self.capacity = max(1, workers)
         if workers > 0:
             import multiprocessing
 
@@ -225,7 +227,7 @@ class RoleStudy:
         evaluated = 0
         pending: list = []  # (trial, config, future) compiled ahead
         current = None  # the trial being evaluated
-        batch = max(1, self.compiler.pool._max_workers if self.compiler.pool else 1)
+        batch = self.compiler.capacity
         try:
             while True:
                 self.heartbeat.catch_up()
