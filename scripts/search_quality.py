@@ -1,0 +1,102 @@
+"""Search quality: the tuner's winner of each role vs an exhaustive sweep of the same space.
+
+For each batch size and role, every config the pruning rules keep is compiled (ahead, in
+worker processes, as the tuner does), checked against the float64 reference and timed with
+the tuner's own timing; the table's winner is timed again in the same process, so both
+figures come from one run. Prints, per (M, role): candidates, the sweep's best µs, the
+table's winner µs and their ratio.
+
+    python scripts/search_quality.py --table tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json \
+        --m 16,256,4096 [--space space.yaml] [--out out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moetune.bench import make_weights
+from moetune.bench_layer import BatchBench
+from moetune.device import local_device, torch_device
+from moetune.space import Problem, candidates, load_space
+from moetune.tables import read_table
+from moetune.tune import TORCH_DTYPES, Compiler
+
+ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
+
+
+def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler, dtype: str) -> list[tuple]:
+    """(µs, config) of every config that compiles, runs and passes the check, fastest first."""
+    futures = [compiler.submit(role, dtype, bench.geometry(role, c["BLOCK_SIZE_M"]), c, bench.topk) for c in configs]
+    measured = []
+    for config, future in zip(configs, futures):
+        try:
+            if future is not None:
+                future.result(timeout=180)
+            if bench.check_role(role, config) > bench.tolerance:
+                continue
+            best = min(t for t, _ in measured) if measured else None
+            value, precise = bench.time_role(role, config, 2.0 * best if best else None)
+        except Exception:  # noqa: BLE001 - a config that fails to compile or launch is out
+            continue
+        if precise:
+            measured.append((value, config))
+    return sorted(measured, key=lambda item: item[0])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", required=True, help="a table written by moetune run")
+    parser.add_argument("--m", default="16,256,4096", help="batch sizes (must be in the table)")
+    parser.add_argument("--space", default=None, help="search space YAML (default: moetune's)")
+    parser.add_argument("--compile-workers", type=int, default=15)
+    parser.add_argument("--out", default="out")
+    args = parser.parse_args()
+    table = read_table(args.table)
+    shape, dtype = table["shape"], table["shape"]["dtype"]
+    E, N, K, topk = shape["E"], shape["N"], shape["K"], shape["topk"]
+    device = local_device()
+    space = load_space(args.space)
+    generator = torch.Generator(device=torch_device()).manual_seed(0)
+    w1, w2 = make_weights(E, N, K, TORCH_DTYPES[dtype], torch_device(), generator)
+    compiler = Compiler(args.compile_workers if device.is_gpu else 0)
+    rows = []
+    try:
+        for M in (int(m) for m in args.m.split(",")):
+            entry = table["batch_sizes"][M]
+            bench = BatchBench(w1, w2, M, topk, seed=M)
+            for role, (variant, gemm) in ROLE_CONFIG.items():
+                if variant not in entry:
+                    continue
+                kind = "gemm1" if role == "gemm1" else "gemm2"
+                problem = Problem.for_role(kind, M, E, N, K, topk, w1.element_size())
+                configs = candidates(space, problem, device.shared_memory_bytes)
+                start = time.monotonic()
+                ranked = sweep(bench, role, configs, compiler, dtype)
+                tuned = entry[variant][gemm]
+                tuned_us, _ = bench.time_role(role, tuned)
+                best_us, best = ranked[0]
+                row = {"M": M, "role": role, "candidates": len(configs), "measured": len(ranked),
+                       "sweep_best_us": best_us, "sweep_best": best, "tuned_us": tuned_us, "tuned": tuned,
+                       "tuned_over_best": tuned_us / best_us, "seconds": time.monotonic() - start}
+                rows.append(row)
+                print(f"M={M:<6d} {role:14s} {len(configs):5d} candidates  sweep best {best_us:9.1f} us  "
+                      f"tuned {tuned_us:9.1f} us  tuned/best {tuned_us / best_us:6.3f}  "
+                      f"({row['seconds']:.0f} s)", flush=True)
+    finally:
+        compiler.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search_quality.json").write_text(json.dumps(rows, indent=1))
+    if not device.is_gpu:
+        print("note: interpreter timings on the CPU mean nothing about speed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
