@@ -8,7 +8,9 @@ use_interpreter_without_gpu()
 
 from .errors import TableError, UsageError  # noqa: E402
 from .layer import fused_experts, fused_moe  # noqa: E402
+from .loader import Selection, get_config, load_table  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["TableError", "UsageError", "__version__", "fused_experts", "fused_moe"]
+__all__ = ["Selection", "TableError", "UsageError", "__version__", "fused_experts", "fused_moe", "get_config",
+           "load_table"]

@@ -103,3 +103,15 @@ def test_no_table_uses_the_default_and_says_how_to_tune(tables, launches):
         out = fused_experts(x, w1, w2, weights, ids)
     assert relative_error(out, moe_reference(x, w1, w2, weights, ids)) <= TOLERANCE[torch.float32]
     assert all(not atomic for _, atomic in launches)
+
+
+def test_public_api_reads_the_table(tables):
+    import moetune
+
+    packaged, _ = tables
+    path = write_tuned_table(packaged, winner="fused")
+    selection = moetune.get_config(E, N, K, TOPK, torch.float32, 5)
+    assert (selection.variant, selection.batch_size, selection.source) == ("fused", M, str(path))
+    assert selection.gemm2 == PACKAGED_DOWN
+    assert moetune.get_config(E, N, K, TOPK, "fp32", 5, variant="unfused").variant == "unfused"
+    assert sorted(moetune.load_table(path)["batch_sizes"]) == [M]
