@@ -493,7 +493,11 @@ def _png(draw: Callable) -> bytes:
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
-    draw(figure.add_subplot())
+    axes = figure.add_subplot()
+    draw(axes)
+    # Long shape descriptions would run off the figure: wrap the title.
+    axes.set_title("\n".join(textwrap.wrap(axes.get_title(), 70)), fontsize=10)
+    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
