@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU benchmarks the docs report, one step per call so that each fits a 10-minute slot:
+#   bash scripts/h200_benchmarks.sh STEP [OUT_DIR]
+# A tune step stopped by a time limit resumes when run again with the same OUT_DIR.
+# Steps:
+#   tune-qwen3     full Qwen3-30B-A3B tune in one command, wall time (docs/tuning.md)
+#   tune-qwen2     Qwen2-57B-A14B tune (table for tuned_configs/NVIDIA_H200)
+#   compare        moetune compare for both models with the tables of the two steps above
+#   quality        exhaustive sweep vs the tuner at M = 16, 256, 4096 (docs/tuning.md)
+#   tune-2gpu      the Qwen3 tune on two GPUs (--devices 0,1), wall time (docs/tuning.md)
+set -euo pipefail
+step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | tune-2gpu}
+out=${2:-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+baseline=scripts/anchor_configs
+timed() { /usr/bin/time -f "wall %e s" "$@"; }
+
+case "$step" in
+  tune-qwen3)
+    timed moetune run --gpu H200 --model Qwen3-30B-A3B --baseline-configs "$baseline" \
+        --out-dir "$out/tuned" --no-progress 2>&1 | tee "$out/tune_qwen3.log" ;;
+  tune-qwen2)
+    timed moetune run --gpu H200 --model Qwen2-57B-A14B --baseline-configs "$baseline" \
+        --out-dir "$out/tuned" --no-progress 2>&1 | tee "$out/tune_qwen2.log" ;;
+  compare)
+    for model in Qwen3-30B-A3B Qwen2-57B-A14B; do
+      MOETUNE_CONFIG_DIR="$out/tuned" moetune compare --gpu H200 --model "$model" \
+          --baseline-configs "$baseline" --rounds 3 --out "$out/compare" 2>&1 | tee "$out/compare_$model.log"
+    done ;;
+  quality)
+    table="$out/tuned/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json"
+    [ -f "$table" ] || table="tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json"
+    python3 scripts/search_quality.py --table "$table" --m 16,256,4096 --out "$out" 2>&1 | tee "$out/quality.log" ;;
+  tune-2gpu)
+    timed moetune run --gpu H200 --model Qwen3-30B-A3B --baseline-configs "$baseline" --devices 0,1 \
+        --out-dir "$out/tuned_2gpu" --no-progress 2>&1 | tee "$out/tune_qwen3_2gpu.log" ;;
+  *)
+    echo "unknown step: $step" >&2; exit 2 ;;
+esac
