@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks the docs report, one step per call so that each fits a 10-minute slot:
+# The GPU benchmarks the docs report, one step at a time:
 #   bash scripts/h200_benchmarks.sh STEP [OUT_DIR]
 # A tune step stopped by a time limit resumes when run again with the same OUT_DIR.
 # Steps:
