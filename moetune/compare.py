@@ -260,7 +260,7 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
 
 
 def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
-    from .bench import make_layer_inputs, make_weights, on_gpu, roofline_floor_us
+    from .bench import make_layer_inputs, make_weights, roofline_floor_us
     from .reference import TOLERANCE, moe_reference
 
     shape = plan.shape
@@ -268,7 +268,8 @@ def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
     dtype = TORCH_DTYPES[settings.dtype]
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     w1, w2 = make_weights(shape.E, shape.N, shape.K, dtype, device, generator)
-    timer = _timer(on_gpu())
+    from .bench import time_us as timer  # CUDA-graph replay on a GPU, wall clock in the interpreter
+
     rows = []
     for M, contenders in plan.contenders.items():
         # The same inputs for every contender of this batch size.
@@ -280,14 +281,6 @@ def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
         rows.append(Row(M, experts_hit, floor, measured))
         del inputs, reference
     return ShapeResult(plan, rows, TOLERANCE[dtype])
-
-
-def _timer(gpu: bool) -> Callable[[Callable[[], object]], float]:
-    from .bench import cuda_graph_time_us, wall_time_us
-
-    if gpu:
-        return lambda fn: cuda_graph_time_us(fn, calls_per_graph=10, replays=20)
-    return wall_time_us
 
 
 def measure_contenders(contenders: list[Contender], inputs, reference: torch.Tensor,

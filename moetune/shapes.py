@@ -50,7 +50,9 @@ class MoEShape:
             raise ValueError(f"MoEShape.topk ({self.topk}) cannot exceed E ({self.E})")
 
     def table_name(self, dtype: str) -> str:
-        return f"E={self.E},N={self.N},K={self.K},topk={self.topk},dtype={dtype}.json"
+        from .tables import table_file_name  # the one place table files are named
+
+        return table_file_name(self.E, self.N, self.K, self.topk, dtype)
 
     def describe(self) -> str:
         sizes = f"E={self.E}, top-k={self.topk}, hidden={self.K}, intermediate={self.N}"
