@@ -36,11 +36,11 @@ import torch
 from .device import DeviceInfo, local_device, torch_device
 from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, MoEShape, add_shape_arguments, parse_batch_sizes, resolve_shapes
-from .tune_cli import check_out_dir, resolve_gpu
+from .tables import TORCH_DTYPES
+from .tune_cli import check_out_dir, resolve_dtype, resolve_gpu
 
 CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")
 SHORT_NAMES = {"unfused": "unf", "fused": "fus", "dispatcher": "disp", "default": "dflt", "baseline": "base"}
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TABLE_WIDTH = 120
 
 
@@ -127,7 +127,7 @@ class ShapeResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_shape_arguments(parser)
     parser.add_argument("--gpu", default="auto", help="GPU to compare on; must match the local one (default: auto)")
-    parser.add_argument("--dtype", default=None, choices=tuple(TORCH_DTYPES),
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
                         help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
@@ -155,9 +155,7 @@ def build_settings(args: argparse.Namespace) -> CompareSettings:
         baseline_dir = Path(args.baseline_configs)
         if not baseline_dir.is_dir():
             raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
-    dtype = args.dtype or ("bf16" if device.is_gpu else "fp16")
-    if dtype == "bf16" and not device.is_gpu:
-        raise UsageError("--dtype bf16 needs a GPU: Triton's interpreter has no bf16 atomic add (use --dtype fp16)")
+    dtype = resolve_dtype(args.dtype, device, atomics=True)  # the fused contender always runs
     rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")

@@ -33,7 +33,8 @@ _DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
 }
-_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _TABLE_FILE_NAME = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),K=(?P<K>\d+),topk=(?P<topk>\d+),dtype=(?P<dtype>\w+)\.json$"
 )
@@ -46,7 +47,7 @@ def dtype_name(dtype: Any) -> str:
     if isinstance(dtype, str):
         name = _DTYPE_ALIASES.get(dtype.strip().lower())
     else:
-        name = _TORCH_DTYPES.get(dtype) if isinstance(dtype, torch.dtype) else None
+        name = _DTYPE_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else None
     if name is None:
         raise ValueError(f"unsupported dtype {dtype!r}: expected one of {', '.join(DTYPES)} (or torch.bfloat16/float16/float32)")
     return name

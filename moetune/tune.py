@@ -45,9 +45,8 @@ from .studies import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, pa
                       study_name, study_result, study_state, study_suffix)
 from .study_storage import (DEFAULT_HEARTBEAT_S, TrialHeartbeat, ask, default_journal, fail_stale_trials,
                             open_storage)
-from .tables import merge_tables, new_table, read_table, table_path, write_table
+from .tables import TORCH_DTYPES, merge_tables, new_table, read_table, table_path, write_table
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_TIMEOUT_S = 180.0
 MIN_TRIALS_PAST_DEADLINE = 4
 # How often a process with nothing left to ask looks again at the studies others hold.

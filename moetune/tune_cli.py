@@ -73,6 +73,16 @@ def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
     raise UsageError(f"--gpu {requested!r} does not match: {where}")
 
 
+def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> str:
+    """--dtype, defaulting to bf16 on a GPU and fp16 without one: Triton's interpreter has no
+    bf16 atomic add, so the fused variant cannot run bf16 there."""
+    dtype = requested or ("bf16" if device.is_gpu else "fp16")
+    if dtype == "bf16" and atomics and not device.is_gpu:
+        raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no "
+                         "bf16 atomic add (use --dtype fp16)")
+    return dtype
+
+
 def check_out_dir(path: Path) -> None:
     """Refuse an out-dir that cannot be written, before anything is written."""
     probe = path
@@ -147,9 +157,7 @@ def build_settings(args: argparse.Namespace):
         if not baseline.is_dir():
             raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
     space = load_space(args.space)
-    dtype = args.dtype or ("bf16" if device.is_gpu else "fp16")
-    if dtype == "bf16" and not device.is_gpu and "fused" in variants:
-        raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no bf16 atomic add")
+    dtype = resolve_dtype(args.dtype, device, atomics="fused" in variants)
     workers = args.compile_workers
     if workers is None:
         cores = min(16, max(0, (os.cpu_count() or 1) - 1))

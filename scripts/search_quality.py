@@ -24,8 +24,8 @@ from moetune.bench import make_weights
 from moetune.bench_layer import BatchBench
 from moetune.device import local_device, torch_device
 from moetune.space import Problem, candidates, load_space
-from moetune.tables import read_table
-from moetune.tune import TORCH_DTYPES, Compiler
+from moetune.tables import TORCH_DTYPES, read_table
+from moetune.tune import Compiler
 
 ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
 
