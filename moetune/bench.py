@@ -1,4 +1,4 @@
-"""Timing and the correctness gate.
+"""Timing, the roofline floor and random layer inputs.
 
 GPU: the work is captured `calls_per_graph` times in one CUDA graph and the graph replayed;
 each replay is timed with CUDA events and the median per call is reported, as vLLM and
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .device import interpreter_enabled
-from .reference import moe_reference, relative_error
+from .kernels import select_experts
 
 # Ceilings measured on the H200 (device copy counting bytes read + written; bf16 matmul
 # 8192^3 on random data). Used for the roofline floor.
@@ -28,16 +28,23 @@ def on_gpu() -> bool:
     return torch.cuda.is_available() and not interpreter_enabled()
 
 
-def cuda_graph_time_us(fn: Callable[[], object], *, calls_per_graph: int = 10, replays: int = 20,
-                       warmup: int = 3) -> float:
-    """Median over `replays` graph replays of the time per call of `fn`, in µs."""
+def warm_up(fn: Callable[[], object], calls: int) -> None:
+    """Run `fn` on a side stream, as graph capture wants: compiles, allocates and loads
+    modules before any capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # compile, allocate, load modules outside the capture
+        for _ in range(calls):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+
+
+def cuda_graph_time_us(fn: Callable[[], object], *, calls_per_graph: int = 10, replays: int = 20,
+                       warmup: int = 3, warm_calls: int = 2) -> float:
+    """Median over `replays` graph replays of the time per call of `fn`, in µs."""
+    if warm_calls:
+        warm_up(fn, warm_calls)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls_per_graph):
@@ -81,18 +88,13 @@ def adaptive_time_us(fn: Callable[[], object], *, cutoff_us: float | None = None
     per graph are chosen so a replay lasts about `graph_us`, and slow kernels get fewer
     replays, which keeps a trial of a large batch from costing seconds.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    warm_up(fn, 1)
     rough = quick_time_us(fn)
     if cutoff_us is not None and rough > cutoff_us:
         return rough, False
     calls = max(1, min(10, round(graph_us / max(rough, 1e-3))))
     replays = 20 if rough * calls <= 2 * graph_us else 10
-    return cuda_graph_time_us(fn, calls_per_graph=calls, replays=replays, warmup=2), True
+    return cuda_graph_time_us(fn, calls_per_graph=calls, replays=replays, warmup=2, warm_calls=0), True
 
 
 def wall_time_us(fn: Callable[[], object], *, repeats: int = 3) -> float:
@@ -144,11 +146,7 @@ def make_weights(E: int, N: int, K: int, dtype: torch.dtype, device, generator=N
 
 def make_routing(M: int, E: int, topk: int, device, generator=None, renormalize: bool = True):
     """Softmax over random logits, top-k, renormalised: the routing the anchors use."""
-    logits = torch.randn(M, E, device=device, generator=generator)
-    weights, ids = torch.topk(torch.softmax(logits, dim=-1), topk, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    return select_experts(torch.randn(M, E, device=device, generator=generator), topk, renormalize)
 
 
 def make_layer_inputs(M: int, w1: torch.Tensor, w2: torch.Tensor, topk: int, seed: int) -> LayerInputs:
@@ -157,9 +155,3 @@ def make_layer_inputs(M: int, w1: torch.Tensor, w2: torch.Tensor, topk: int, see
     x = torch.randn(M, w1.shape[2], dtype=w1.dtype, device=device, generator=generator)
     weights, ids = make_routing(M, w1.shape[0], topk, device, generator)
     return LayerInputs(x, w1, w2, weights, ids)
-
-
-def layer_error(out: torch.Tensor, inputs: LayerInputs, reference: torch.Tensor | None = None) -> float:
-    if reference is None:
-        reference = moe_reference(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids)
-    return relative_error(out, reference)
