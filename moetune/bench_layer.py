@@ -12,6 +12,7 @@ counts; the roles it does not tune run with the default config there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,25 @@ from .layer import align_for, run_aligned
 from .reference import TOLERANCE, moe_reference, relative_error
 
 ROLES = ("gemm1", "gemm2_unfused", "gemm2_fused")
+
+
+class RoleOperands(NamedTuple):
+    a: torch.Tensor
+    weights: torch.Tensor
+    out: torch.Tensor
+    topk_weights: torch.Tensor | None  # GEMM 2 multiplies by the router weight
+    a_rows_per_slot: int
+    atomic_add: bool
+
+
+class CompileRequest(NamedTuple):
+    """Arguments of kernels.compile_grouped_gemm besides the config; picklable."""
+    dtype: torch.dtype
+    geometry: GemmGeometry
+    topk: int
+    a_rows_per_slot: int
+    mul_routed_weight: bool
+    atomic_add: bool
 ROLE_VARIANT = {"gemm2_unfused": "unfused", "gemm2_fused": "fused"}
 
 
@@ -54,38 +74,49 @@ class BatchBench:
         self.out = torch.empty(self.M, self.K, dtype=dtype, device=device)
         self._aligned: dict[int, AlignedTokens] = {}
 
-    # -- geometry, so that other processes can compile exactly what will run ---------------
-    def geometry(self, role: str, block_size_m: int) -> GemmGeometry:
-        capacity = max_padded_rows(self.M * self.topk, self.E, block_size_m)
+    # -- one role: its operands decide both what runs and what other processes compile --------
+    def _operands(self, role: str) -> RoleOperands:
+        t = self.timed
         if role == "gemm1":
-            return gemm_geometry(self.timed.x, self.w1, self.gate_up, capacity, self.topk, False)
+            return RoleOperands(t.x, self.w1, self.gate_up, None, self.topk, False)
         if role == "gemm2_unfused":
-            return gemm_geometry(self.activation, self.w2, self.down.view(-1, self.K), capacity, self.topk, False)
-        return gemm_geometry(self.activation, self.w2, self.out, capacity, self.topk, True)
+            return RoleOperands(self.activation, self.w2, self.down.view(-1, self.K), t.topk_weights, 1, False)
+        return RoleOperands(self.activation, self.w2, self.out, t.topk_weights, 1, True)
+
+    def compile_request(self, role: str, block_size_m: int) -> CompileRequest:
+        """What compile_grouped_gemm needs to build, in another process, the binary this role
+        runs with that BLOCK_SIZE_M."""
+        ops = self._operands(role)
+        capacity = max_padded_rows(self.M * self.topk, self.E, block_size_m)
+        geometry = gemm_geometry(ops.a, ops.weights, ops.out, capacity, self.topk, ops.atomic_add)
+        return CompileRequest(ops.a.dtype, geometry, self.topk, ops.a_rows_per_slot,
+                              ops.topk_weights is not None, ops.atomic_add)
 
     def _aligned_for(self, block_size_m: int) -> AlignedTokens:
         if block_size_m not in self._aligned:
             self._aligned[block_size_m] = align_tokens(self.timed.topk_ids, self.E, block_size_m)
         return self._aligned[block_size_m]
 
-    # -- one role ----------------------------------------------------------------------------
     def role_call(self, role: str, config: dict):
         aligned = self._aligned_for(config["BLOCK_SIZE_M"])
-        t = self.timed
+        ops = self._operands(role)
+
+        def gemm():
+            grouped_gemm(ops.a, ops.weights, ops.out, aligned, config, topk=self.topk,
+                         a_rows_per_slot=ops.a_rows_per_slot, topk_weights=ops.topk_weights,
+                         atomic_add=ops.atomic_add)
+
         if role == "gemm1":
-            return lambda: grouped_gemm(t.x, self.w1, self.gate_up, aligned, config, topk=self.topk,
-                                        a_rows_per_slot=self.topk)
+            return gemm
         if role == "gemm2_unfused":
             def unfused():
-                grouped_gemm(self.activation, self.w2, self.down.view(-1, self.K), aligned, config, topk=self.topk,
-                             a_rows_per_slot=1, topk_weights=t.topk_weights)
-                topk_sum(self.down, t.topk_ids, self.E, self.out)
+                gemm()
+                topk_sum(self.down, self.timed.topk_ids, self.E, self.out)
             return unfused
 
         def fused():
             self.out.zero_()
-            grouped_gemm(self.activation, self.w2, self.out, aligned, config, topk=self.topk, a_rows_per_slot=1,
-                         topk_weights=t.topk_weights, atomic_add=True)
+            gemm()
         return fused
 
     def time_role(self, role: str, config: dict, cutoff_us: float | None = None) -> tuple[float, bool]:

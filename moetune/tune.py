@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .bench_layer import ROLE_VARIANT, ROLES, BatchBench
+from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest
 from .bench import make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo
@@ -100,15 +100,14 @@ def worker_salt() -> int:
 
 # -- compiling ahead ---------------------------------------------------------------------------
 
-def _compile_job(role: str, dtype: str, geometry, config: dict, topk: int) -> float:
+def _compile_job(request: CompileRequest, config: dict) -> float:
     """Runs in a worker process: compile one candidate into Triton's on-disk cache."""
     from moetune.kernels import compile_grouped_gemm
 
     start = time.perf_counter()
-    torch_dtype = TORCH_DTYPES[dtype]
-    compile_grouped_gemm(torch_dtype, geometry, config, topk=topk,
-                         a_rows_per_slot=topk if role == "gemm1" else 1,
-                         mul_routed_weight=role != "gemm1", atomic_add=role == "gemm2_fused")
+    compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
+                         a_rows_per_slot=request.a_rows_per_slot, mul_routed_weight=request.mul_routed_weight,
+                         atomic_add=request.atomic_add)
     return time.perf_counter() - start
 
 
@@ -124,10 +123,10 @@ class Compiler:
 
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def submit(self, role, dtype, geometry, config, topk) -> Future | None:
+    def submit(self, request: CompileRequest, config: dict) -> Future | None:
         if self.pool is None:
             return None
-        return self.pool.submit(_compile_job, role, dtype, geometry, config, topk)
+        return self.pool.submit(_compile_job, request, config)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -270,8 +269,8 @@ class RoleStudy:
                         trial.set_user_attr("status", "surplus")
                         self._tell(trial, state="FAIL")
                         break
-                    geometry = self.bench.geometry(self.role, config["BLOCK_SIZE_M"])
-                    future = self.compiler.submit(self.role, self.settings.dtype, geometry, config, self.bench.topk)
+                    request = self.bench.compile_request(self.role, config["BLOCK_SIZE_M"])
+                    future = self.compiler.submit(request, config)
                     pending.append((trial, config, future))
                     done = state.counted + state.in_flight
                 if not pending:

@@ -30,9 +30,9 @@ from moetune.tune import Compiler
 ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
 
 
-def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler, dtype: str) -> list[tuple]:
+def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler) -> list[tuple]:
     """(µs, config) of every config that compiles, runs and passes the check, fastest first."""
-    futures = [compiler.submit(role, dtype, bench.geometry(role, c["BLOCK_SIZE_M"]), c, bench.topk) for c in configs]
+    futures = [compiler.submit(bench.compile_request(role, c["BLOCK_SIZE_M"]), c) for c in configs]
     measured = []
     for config, future in zip(configs, futures):
         try:
@@ -77,7 +77,7 @@ def main() -> int:
                 problem = Problem.for_role(kind, M, E, N, K, topk, w1.element_size())
                 configs = candidates(space, problem, device.shared_memory_bytes)
                 start = time.monotonic()
-                ranked = sweep(bench, role, configs, compiler, dtype)
+                ranked = sweep(bench, role, configs, compiler)
                 tuned = entry[variant][gemm]
                 tuned_us, _ = bench.time_role(role, tuned)
                 best_us, best = ranked[0]
