@@ -23,6 +23,8 @@ from .align import AlignedTokens
 
 EPILOGUE_STORE = 0
 EPILOGUE_ATOMIC_ADD = 1
+# Triton chose between compiling and interpreting when the kernel below was defined.
+INTERPRETED = interpreter_enabled()
 
 
 @triton.jit
@@ -186,7 +188,7 @@ def grouped_gemm(
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
-            dot_in_fp32=interpreter_enabled() and a.dtype == torch.bfloat16)
+            dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 from .configs import check_config
 from .device import interpreter_enabled
 from .kernels import align_tokens, grouped_gemm, select_experts, silu_and_mul, topk_sum
+from .loader import get_config
 
 VARIANTS = ("unfused", "fused")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -76,8 +77,6 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out) -> None:
 def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic):
     """The (GEMM 1 config, GEMM 2 config, variant) to run: given, or from the tuned tables."""
     if config is None and down_config is None:
-        from .loader import get_config  # the dispatcher; imported late to keep import light
-
         m, k = hidden_states.shape
         e, two_n, _ = w1.shape
         selection = get_config(e, two_n // 2, k, topk, hidden_states.dtype, m,

@@ -365,21 +365,29 @@ class Clock:
 
 # -- the layer choice --------------------------------------------------------------------------
 
+def interleaved_medians(bench: BatchBench, layers: list[tuple[str, dict, dict]], rounds: int,
+                        clock: Clock) -> list[float]:
+    """Median layer time of each (variant, GEMM 1, GEMM 2), timed in interleaved rounds: each
+    round times every layer once, so drift between rounds hits all of them alike."""
+    start = time.monotonic()
+    times: list[list[float]] = [[] for _ in layers]
+    for _ in range(rounds):
+        for i, (variant, c1, c2) in enumerate(layers):
+            times[i].append(bench.time_layer(variant, c1, c2))
+    clock.gpu_s += time.monotonic() - start
+    return [statistics.median(t) for t in times]
+
+
 def choose_pair(bench: BatchBench, variant: str, gemm1: RoleResult, gemm2: RoleResult, settings: TuneSettings,
                 clock: Clock) -> dict:
-    """Best (GEMM 1, GEMM 2) pair of one variant by whole-layer time, alignment included."""
-    start = time.monotonic()
-    pairs = [(c1, c2) for _, c1 in gemm1.ranked[:settings.top_pairs] for _, c2 in gemm2.ranked[:settings.top_pairs]]
-    first = sorted(((bench.time_layer(variant, c1, c2), c1, c2) for c1, c2 in pairs), key=lambda item: item[0])
-    finalists = [(c1, c2) for _, c1, c2 in first[:settings.top_pairs]]
-    # Interleaved re-timing: each round times every finalist once, so drift hits all alike.
-    times: list[list[float]] = [[] for _ in finalists]
-    for _ in range(settings.retime_rounds):
-        for i, (c1, c2) in enumerate(finalists):
-            times[i].append(bench.time_layer(variant, c1, c2))
-    ranked = sorted(((statistics.median(t), c1, c2) for t, (c1, c2) in zip(times, finalists)), key=lambda x: x[0])
-    clock.gpu_s += time.monotonic() - start
-    for layer_us, c1, c2 in ranked:
+    """Best (GEMM 1, GEMM 2) pair of one variant by whole-layer time, alignment included:
+    every pair of the best few of each role once, then the best few again in rounds."""
+    pairs = [(variant, c1, c2) for _, c1 in gemm1.ranked[:settings.top_pairs]
+             for _, c2 in gemm2.ranked[:settings.top_pairs]]
+    first = interleaved_medians(bench, pairs, 1, clock)
+    finalists = [pair for _, pair in sorted(zip(first, pairs), key=lambda item: item[0])][:settings.top_pairs]
+    medians = interleaved_medians(bench, finalists, settings.retime_rounds, clock)
+    for layer_us, (_, c1, c2) in sorted(zip(medians, finalists), key=lambda item: item[0]):
         error = bench.check_layer(variant, c1, c2)
         if error <= bench.tolerance:
             t1 = next(t for t, c in gemm1.ranked if c == c1)
@@ -401,25 +409,13 @@ def batch_entry(bench: BatchBench, studies: dict[str, object], settings: TuneSet
     for variant in settings.variants:
         entry[variant] = choose_pair(bench, variant, results["gemm1"], results["gemm2_" + variant], settings, clock)
     if len(settings.variants) > 1:
-        retime_variants(bench, entry, settings, clock)
+        # At large batches the variants are often closer than the spread of one timing: time
+        # their chosen pairs against each other before naming the winner.
+        layers = [(v, entry[v]["gemm1"], entry[v]["gemm2"]) for v in settings.variants]
+        for variant, layer_us in zip(settings.variants, interleaved_medians(bench, layers, settings.retime_rounds, clock)):
+            entry[variant]["layer_us"] = layer_us
     entry["winner"] = min(settings.variants, key=lambda v: entry[v]["layer_us"])
     return entry
-
-
-def retime_variants(bench: BatchBench, entry: dict, settings: TuneSettings, clock: Clock) -> None:
-    """Time the variants' chosen pairs against each other in interleaved rounds.
-
-    At large batches the two variants are often within a few percent, about the spread of
-    one timing; each pair's time from its own rounds would let that spread pick the winner.
-    """
-    start = time.monotonic()
-    times: dict[str, list[float]] = {variant: [] for variant in settings.variants}
-    for _ in range(settings.retime_rounds):
-        for variant in settings.variants:
-            times[variant].append(bench.time_layer(variant, entry[variant]["gemm1"], entry[variant]["gemm2"]))
-    for variant in settings.variants:
-        entry[variant]["layer_us"] = statistics.median(times[variant])
-    clock.gpu_s += time.monotonic() - start
 
 
 # -- the whole run -----------------------------------------------------------------------------
@@ -480,6 +476,10 @@ class Benches:
             self.bench = BatchBench(w1, w2, M, shape.topk, seed=self.settings.seed * 7919 + M)
             self.key = (_shape_key(shape), M)
         return self.bench
+
+
+def _table_path(settings: TuneSettings, shape: MoEShape) -> Path:
+    return table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk, settings.dtype)
 
 
 def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, entry: dict) -> None:
@@ -605,12 +605,16 @@ class TuningRun:
         runners = {role: self.studies[(*batch, role)] for role in self.roles}
         bench = self.benches.get(shape, M)
         entry = batch_entry(bench, {role: r.study for role, r in runners.items()}, self.settings, self.clock)
-        path = table_path(self.settings.out_dir, self.settings.device.key, shape.E, shape.N, shape.K, shape.topk,
-                          self.settings.dtype)
+        path = _table_path(self.settings, shape)
         write_entry(path, self.settings, shape, M, entry)
         self.written[batch] = entry
         if path not in self.paths:
             self.paths.append(path)
+
+
+def _note_interpreter(settings: TuneSettings, log: Callable[[str], None]) -> None:
+    if not settings.device.is_gpu:
+        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
 
 
 def _log_device_use(settings: TuneSettings, clock: Clock, log: Callable[[str], None]) -> None:
@@ -637,8 +641,8 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     if not write_tables:
         log(f"{run.evaluated} trials evaluated here; "
             f"no table written (a worker leaves that to `moetune collect`)")
-    elif not settings.device.is_gpu:
-        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
+    else:
+        _note_interpreter(settings, log)
     return written
 
 
@@ -674,8 +678,7 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
     benches = Benches(settings)
     written = []
     for shape in settings.shapes:
-        path = table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk,
-                          settings.dtype)
+        path = _table_path(settings, shape)
         rows = []
         for M in sorted(settings.batch_sizes):
             entry = batch_entry(benches.get(shape, M), {role: studies[(_shape_key(shape), M, role)] for role in roles},
@@ -684,8 +687,7 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
             rows.append((M, entry))
         written.append(path)
         _print_summary(shape, rows, log)
-    if not settings.device.is_gpu:
-        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
+    _note_interpreter(settings, log)
     return written
 
 
