@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moetune.bench import cuda_graph_time_us, make_layer_inputs, make_weights, roofline_floor_us
-from moetune.configs import check_config
+from moetune.export import nearest, read_foreign_configs
 from moetune.layer import align_for, run_aligned
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 
@@ -40,12 +40,7 @@ SHAPES = {
 
 
 def load_configs(name: str) -> dict[int, dict]:
-    with open(CONFIG_DIR / name) as f:
-        return {int(k): check_config(v, name) for k, v in json.load(f).items()}
-
-
-def nearest(table: dict[int, dict], M: int) -> dict:
-    return table[min(table, key=lambda key: (abs(key - M), key))]
+    return read_foreign_configs(CONFIG_DIR / name).configs
 
 
 def main() -> int:
