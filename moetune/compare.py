@@ -488,7 +488,6 @@ def _png(draw: Callable) -> bytes:
     draw(axes)
     # Long shape descriptions would run off the figure: wrap the title.
     axes.set_title("\n".join(textwrap.wrap(axes.get_title(), 70)), fontsize=10)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
