@@ -130,7 +130,10 @@ class Compiler:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            # Wait for the compiles in flight: a process started by multiprocessing (each GPU's
+            # tuner under --devices) joins its children when it exits, and a pool shut down
+            # without waiting leaves it joining them forever.
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- one study ---------------------------------------------------------------------------------
