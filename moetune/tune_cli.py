@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-configs", default=None, metavar="DIR",
                         help="folder of vLLM/SGLang config files to warm-start from")
     parser.add_argument("--compile-workers", type=int, default=None,
-                        help="processes compiling candidates ahead (default: CPU cores - 1, at most 16, "
-                             "shared by the --devices)")
+                        help="processes compiling candidates ahead, per GPU (default: the CPU cores "
+                             "but one, shared by the --devices, at most 16 per GPU)")
     parser.add_argument("--devices", default=None, metavar="0,1,...",
                         help="GPUs to tune on, one worker process each, sharing the studies (default: the "
                              "current GPU); without a GPU, each is one more interpreter process")
@@ -160,8 +160,7 @@ def build_settings(args: argparse.Namespace):
     dtype = resolve_dtype(args.dtype, device, atomics="fused" in variants)
     workers = args.compile_workers
     if workers is None:
-        cores = min(16, max(0, (os.cpu_count() or 1) - 1))
-        workers = max(min(cores, 1), cores // len(devices or [0]))  # the GPUs' processes share the cores
+        workers = default_compile_workers(os.cpu_count() or 1, len(devices or [0]))
     if workers < 0:
         raise UsageError(f"--compile-workers must be >= 0, got {workers}")
     settings = TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
@@ -171,6 +170,13 @@ def build_settings(args: argparse.Namespace):
                             # The interpreter's timings mean nothing: keep the final layer stage short.
                             top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
     return settings, devices
+
+
+def default_compile_workers(cpu_cores: int, gpus: int) -> int:
+    """Compile processes per GPU's tuner: the cores but one, shared by the GPUs, at most 16
+    each. Compiling, not the GPU, bounds a tune (the GPU is busy under half the time)."""
+    spare = max(0, cpu_cores - 1)
+    return max(min(spare, 1), min(16, spare // gpus))
 
 
 def use_gpu(settings, index: int | None) -> None:

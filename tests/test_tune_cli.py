@@ -12,6 +12,7 @@ import pytest
 
 from moetune.cli import main
 from moetune.tables import read_table
+from moetune.tune_cli import default_compile_workers
 
 TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32"]
 TABLE = "E=4,N=32,K=64,topk=2,dtype=fp16.json"
@@ -172,3 +173,16 @@ def test_a_config_computing_wrong_results_is_rejected(tmp_path, monkeypatch):
     assert len(rejected) == 2 and all(t.params["BLOCK_SIZE_N"] == 32 for t in rejected)
     assert all("relative error" in t.user_attrs["reason"] for t in rejected)
     json.dumps([t.user_attrs for t in rejected])  # reasons are plain data
+
+
+@pytest.mark.parametrize("cores, gpus, expected", [
+    (16, 1, 15),   # one H200 host: every core but one
+    (32, 1, 16),   # at most 16 for one GPU
+    (32, 2, 15),   # two GPUs share the cores
+    (16, 2, 7),
+    (2, 1, 1),
+    (1, 1, 0),     # no spare core: compile inline
+    (2, 4, 1),     # more GPUs than spare cores: still one each
+])
+def test_default_compile_workers(cores, gpus, expected):
+    assert default_compile_workers(cores, gpus) == expected
