@@ -5,8 +5,10 @@
 # Steps:
 #   tune-qwen3     full Qwen3-30B-A3B tune in one command, wall time (docs/tuning.md)
 #   tune-qwen2     Qwen2-57B-A14B tune (table for tuned_configs/NVIDIA_H200)
-#   compare        moetune compare for both models with the tables of the two steps above
-#   quality        exhaustive sweep vs the tuner at M = 16, 256, 4096 (docs/tuning.md)
+#   compare        moetune compare for both models with the tables in $TABLES (default: the
+#                  two tune steps' OUT_DIR/tuned; tuned_configs for the packaged tables)
+#   quality        the tuner on scripts/quality_space.yaml at M = 16, 256, 4096, then an
+#                  exhaustive sweep of that same space (docs/tuning.md)
 #   tune-2gpu      the Qwen3 tune on two GPUs (--devices 0,1), wall time (docs/tuning.md)
 set -euo pipefail
 step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | tune-2gpu}
@@ -24,14 +26,19 @@ case "$step" in
     timed moetune run --gpu H200 --model Qwen2-57B-A14B --baseline-configs "$baseline" \
         --out-dir "$out/tuned" --no-progress 2>&1 | tee "$out/tune_qwen2.log" ;;
   compare)
+    tables=${TABLES:-$out/tuned}
+    # A missing folder would silently leave the packaged tables in use.
+    [ -d "$tables/NVIDIA_H200" ] || { echo "no tables in $tables/NVIDIA_H200" >&2; exit 2; }
     for model in Qwen3-30B-A3B Qwen2-57B-A14B; do
-      MOETUNE_CONFIG_DIR="$out/tuned" moetune compare --gpu H200 --model "$model" \
+      MOETUNE_CONFIG_DIR="$tables" moetune compare --gpu H200 --model "$model" \
           --baseline-configs "$baseline" --rounds 3 --out "$out/compare" 2>&1 | tee "$out/compare_$model.log"
     done ;;
   quality)
-    table="$out/tuned/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json"
-    [ -f "$table" ] || table="tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json"
-    python3 scripts/search_quality.py --table "$table" --m 16,256,4096 --out "$out" 2>&1 | tee "$out/quality.log" ;;
+    space=scripts/quality_space.yaml
+    timed moetune run --gpu H200 --model Qwen3-30B-A3B --space "$space" --batch-sizes 16,256,4096 \
+        --out-dir "$out/quality" --no-progress 2>&1 | tee "$out/quality_tune.log"
+    timed python3 scripts/search_quality.py --space "$space" --m 16,256,4096 --out "$out" \
+        --table "$out/quality/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json" 2>&1 | tee "$out/quality.log" ;;
   tune-2gpu)
     timed moetune run --gpu H200 --model Qwen3-30B-A3B --baseline-configs "$baseline" --devices 0,1 \
         --out-dir "$out/tuned_2gpu" --no-progress 2>&1 | tee "$out/tune_qwen3_2gpu.log" ;;

@@ -2,9 +2,11 @@
 
 For each batch size and role, every config the pruning rules keep is compiled (ahead, in
 worker processes, as the tuner does), checked against the float64 reference and timed with
-the tuner's own timing; the table's winner is timed again in the same process, so both
-figures come from one run. Prints, per (M, role): candidates, the sweep's best µs, the
-table's winner µs and their ratio.
+the tuner's own timing. The sweep's best and the table's winner are then timed against each
+other in interleaved rounds (a single timing of a large layer can be off by several percent,
+so the sweep's own figures, one timing each, decide only which config is best). Prints, per
+(M, role): candidates, the two configs' medians and their ratio, and where the table's winner
+ranked in the sweep.
 
     python scripts/search_quality.py --table tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json \
         --m 16,256,4096 [--space space.yaml] [--out out]
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,12 +52,22 @@ def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler)
     return sorted(measured, key=lambda item: item[0])
 
 
+def interleaved_role_medians(bench: BatchBench, role: str, configs: list[dict], rounds: int) -> list[float]:
+    """Median µs of each config in one role, timed in interleaved rounds so drift hits all alike."""
+    times: list[list[float]] = [[] for _ in configs]
+    for _ in range(rounds):
+        for i, config in enumerate(configs):
+            times[i].append(bench.time_role(role, config)[0])
+    return [statistics.median(t) for t in times]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help="a table written by moetune run")
     parser.add_argument("--m", default="16,256,4096", help="batch sizes (must be in the table)")
     parser.add_argument("--space", default=None, help="search space YAML (default: moetune's)")
     parser.add_argument("--compile-workers", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds timing the best against the tuned")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
     table = read_table(args.table)
@@ -79,15 +92,20 @@ def main() -> int:
                 start = time.monotonic()
                 ranked = sweep(bench, role, configs, compiler)
                 tuned = entry[variant][gemm]
-                tuned_us, _ = bench.time_role(role, tuned)
-                best_us, best = ranked[0]
+                best = ranked[0][1]
+                rank = next((i + 1 for i, (_, c) in enumerate(ranked) if c == tuned), None)
+                if tuned == best:  # the search found the sweep's best: nothing to time against
+                    best_us = tuned_us = interleaved_role_medians(bench, role, [best], args.rounds)[0]
+                else:
+                    best_us, tuned_us = interleaved_role_medians(bench, role, [best, tuned], args.rounds)
                 row = {"M": M, "role": role, "candidates": len(configs), "measured": len(ranked),
                        "sweep_best_us": best_us, "sweep_best": best, "tuned_us": tuned_us, "tuned": tuned,
-                       "tuned_over_best": tuned_us / best_us, "seconds": time.monotonic() - start}
+                       "tuned_over_best": tuned_us / best_us, "tuned_rank_in_sweep": rank,
+                       "seconds": time.monotonic() - start}
                 rows.append(row)
                 print(f"M={M:<6d} {role:14s} {len(configs):5d} candidates  sweep best {best_us:9.1f} us  "
                       f"tuned {tuned_us:9.1f} us  tuned/best {tuned_us / best_us:6.3f}  "
-                      f"({row['seconds']:.0f} s)", flush=True)
+                      f"tuned ranked {rank or '-'} in the sweep  ({row['seconds']:.0f} s)", flush=True)
     finally:
         compiler.close()
     out = Path(args.out)
