@@ -82,8 +82,9 @@ class ShapePlan:
 @dataclass
 class Measurement:
     contender: Contender
-    time_us: float
+    time_us: float  # the median of round_us
     rel_error: float
+    round_us: tuple[float, ...] = ()  # one timing per interleaved round: their spread shows the noise
 
 
 @dataclass
@@ -309,7 +310,8 @@ def measure_contenders(contenders: list[Contender], inputs, reference: torch.Ten
     for _ in range(rounds):
         for contender in contenders:
             times[contender.name].append(timer(layers[contender.name]))
-    return {c.name: Measurement(c, statistics.median(times[c.name]), errors[c.name]) for c in contenders}
+    return {c.name: Measurement(c, statistics.median(times[c.name]), errors[c.name], tuple(times[c.name]))
+            for c in contenders}
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,8 +392,8 @@ def file_stem(shape: MoEShape, dtype: str, tp_size: int) -> str:
 def csv_columns(names: list[str]) -> list[str]:
     columns = ["M", "experts_hit", "roofline_us"]
     for name in names:
-        columns += [f"{name}_us", f"{name}_rel_error", f"{name}_variant", f"{name}_source", f"{name}_table_M",
-                    f"{name}_gemm1", f"{name}_gemm2"]
+        columns += [f"{name}_us", f"{name}_rounds_us", f"{name}_rel_error", f"{name}_variant", f"{name}_source",
+                    f"{name}_table_M", f"{name}_gemm1", f"{name}_gemm2"]
     columns += ["fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio", "winner", "dispatcher_pick"]
     return columns
 
@@ -409,7 +411,9 @@ def csv_rows(result: ShapeResult) -> list[dict]:
         for name in result.names:
             measured = row.measured[name]
             c = measured.contender
-            record.update({f"{name}_us": measured.time_us, f"{name}_rel_error": measured.rel_error,
+            record.update({f"{name}_us": measured.time_us,
+                           f"{name}_rounds_us": " ".join(f"{t:.3f}" for t in measured.round_us),
+                           f"{name}_rel_error": measured.rel_error,
                            f"{name}_variant": c.variant, f"{name}_source": c.source,
                            f"{name}_table_M": "" if c.batch_size is None else c.batch_size,
                            f"{name}_gemm1": _compact(c.gemm1), f"{name}_gemm2": _compact(c.gemm2)})
@@ -459,7 +463,8 @@ def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str
         for name in result.names:
             measured = row.measured[name]
             c = measured.contender
-            contenders[name] = {"us": measured.time_us, "rel_error": _finite_or_none(measured.rel_error),
+            contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.round_us),
+                                "rel_error": _finite_or_none(measured.rel_error),
                                 "variant": c.variant, "source": c.source, "table_batch_size": c.batch_size,
                                 "gemm1": c.gemm1, "gemm2": c.gemm2}
         rows.append({"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us,

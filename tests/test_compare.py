@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_end_to_end_writes_csv_json_and_plots(tmp_path, capsys):
             error = float(row[f"{name}_rel_error"])
             assert math.isfinite(error) and error <= TOLERANCE[torch.float16], (name, error)
             assert float(row[f"{name}_us"]) > 0
+            assert [float(t) for t in row[f"{name}_rounds_us"].split()] == pytest.approx([float(row[f"{name}_us"])],
+                                                                                        rel=1e-3)  # one round
         unfused, fused = float(row["unfused_us"]), float(row["fused_us"])
         assert float(row["fused_speedup"]) == pytest.approx(unfused / fused)
         assert row["winner"] == ("fused" if fused < unfused else "unfused")
@@ -189,3 +192,15 @@ def test_bench_prefill_help_runs_without_a_gpu():
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "--lengths" in result.stdout and "--layers" in result.stdout
+
+
+def test_rounds_are_recorded_and_the_median_kept(tmp_path):
+    out = tmp_path / "results"
+    assert cli.main([*TINY[:-1], "1", "--rounds", "3", "--out", str(out)]) == 0
+    _, rows = read_csv(out / f"{STEM}.csv")
+    document = json.loads((out / f"{STEM}.json").read_text())
+    for name in ("unfused", "fused", "dispatcher", "default"):
+        rounds = [float(t) for t in rows[0][f"{name}_rounds_us"].split()]
+        assert len(rounds) == 3
+        assert float(rows[0][f"{name}_us"]) == pytest.approx(statistics.median(rounds), rel=1e-3)
+        assert document["rows"][0]["contenders"][name]["rounds_us"] == pytest.approx(rounds, rel=1e-3)
