@@ -35,9 +35,10 @@ import torch
 
 from .device import DeviceInfo, local_device, torch_device
 from .errors import UsageError
-from .shapes import DEFAULT_BATCH_SIZES, MoEShape, add_shape_arguments, parse_batch_sizes, resolve_shapes
+from .shapes import MoEShape
 from .tables import TORCH_DTYPES
-from .tune_cli import check_out_dir, resolve_dtype, resolve_gpu
+from .tune_cli import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
+                       shapes_and_batch_sizes)
 
 CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")
 SHORT_NAMES = {"unfused": "unf", "fused": "fus", "dispatcher": "disp", "default": "dflt", "baseline": "base"}
@@ -126,12 +127,7 @@ class ShapeResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_shape_arguments(parser)
-    parser.add_argument("--gpu", default="auto", help="GPU to compare on; must match the local one (default: auto)")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
-                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
-    parser.add_argument("--batch-sizes", default=None,
-                        help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
+    add_workload_arguments(parser, "GPU to compare on; must match the local one (default: auto)")
     parser.add_argument("--baseline-configs", default=None, metavar="DIR",
                         help="folder of vLLM/SGLang config files (see `moetune import`) to add as a contender")
     parser.add_argument("--out", default="compare", help="folder for the CSV, JSON and PNG files (default ./compare)")
@@ -142,20 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_settings(args: argparse.Namespace) -> CompareSettings:
     """Check every flag; raises UsageError before anything runs or is written."""
-    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
-                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
-    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    shapes, batch_sizes = shapes_and_batch_sizes(args)
     device = resolve_gpu(args.gpu, local_device())
     out_dir = Path(args.out)
     try:
         check_out_dir(out_dir)
     except UsageError as error:  # the shared check names `run`'s flag
         raise UsageError(str(error).replace("--out-dir", "--out", 1)) from None
-    baseline_dir = None
-    if args.baseline_configs is not None:
-        baseline_dir = Path(args.baseline_configs)
-        if not baseline_dir.is_dir():
-            raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
+    baseline_dir = baseline_folder(args.baseline_configs)
     dtype = resolve_dtype(args.dtype, device, atomics=True)  # the fused contender always runs
     rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
     if rounds < 1:
@@ -360,8 +350,8 @@ def report_text(result: ShapeResult, settings: CompareSettings) -> str:
         cells += [_error(row.measured[n].rel_error, 6) for n in names]
         flag = "  !" if any(not m.rel_error <= result.tolerance for m in row.measured.values()) else ""
         lines.append(" ".join(cells) + flag)
-    lines.append(f"us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
-                 f"(H200 ceilings);")
+    lines.append("us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
+                 "(H200 ceilings);")
     lines.append(f"win: faster of unf/fus; pick: the dispatcher's variant; e:x: relative error vs float64 "
                  f"(tolerance {result.tolerance:.0e}, ! above)")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from .device import DeviceInfo, local_device
 from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .space import load_space
-from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url
+from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
 from .workers import device_of, parse_devices
 
 VARIANTS = ("unfused", "fused")
@@ -41,14 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """What names a tuning run: `run` and `collect` take these alike."""
+def add_workload_arguments(parser: argparse.ArgumentParser, gpu_help: str) -> None:
+    """Shape, GPU, dtype and batch sizes: what `run`, `collect` and `compare` all take."""
     add_shape_arguments(parser)
-    parser.add_argument("--gpu", default="auto", help="GPU the table is for; must match the local one (default: auto)")
+    parser.add_argument("--gpu", default="auto", help=gpu_help)
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
                         help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
+
+
+def shapes_and_batch_sizes(args: argparse.Namespace) -> tuple[list, list[int]]:
+    """The shapes and batch sizes the flags of add_workload_arguments name."""
+    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
+                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    return shapes, batch_sizes
+
+
+def baseline_folder(text: str | None) -> Path | None:
+    """--baseline-configs: a folder of vLLM/SGLang files, or None."""
+    if not text:
+        return None
+    if not Path(text).is_dir():
+        raise UsageError(f"--baseline-configs {text!r} is not a folder")
+    return Path(text)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What names a tuning run: `run` and `collect` take these alike."""
+    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)")
     parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
     parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
     parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
@@ -98,7 +120,7 @@ def check_out_dir(path: Path) -> None:
 
 def check_storage(url: str) -> None:
     """Reach the storage now, so a typo fails in one line instead of after compiling."""
-    if "://" not in url:
+    if not is_database_url(url):
         parent = Path(url).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist or is not writable")
@@ -135,9 +157,7 @@ def build_settings(args: argparse.Namespace):
     """(settings, devices): devices is None without --devices."""
     from .tune import TuneSettings
 
-    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
-                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
-    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    shapes, batch_sizes = shapes_and_batch_sizes(args)
     variants = parse_variants(args.variants)
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, got {args.trials}")
@@ -151,11 +171,7 @@ def build_settings(args: argparse.Namespace):
     check_out_dir(out_dir)
     if args.storage:
         check_storage(args.storage)
-    baseline = None
-    if args.baseline_configs:
-        baseline = Path(args.baseline_configs)
-        if not baseline.is_dir():
-            raise UsageError(f"--baseline-configs {args.baseline_configs!r} is not a folder")
+    baseline = baseline_folder(args.baseline_configs)
     space = load_space(args.space)
     dtype = resolve_dtype(args.dtype, device, atomics="fused" in variants)
     workers = args.compile_workers
