@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -95,6 +95,16 @@ def adaptive_time_us(fn: Callable[[], object], *, cutoff_us: float | None = None
     calls = max(1, min(10, round(graph_us / max(rough, 1e-3))))
     replays = 20 if rough * calls <= 2 * graph_us else 10
     return cuda_graph_time_us(fn, calls_per_graph=calls, replays=replays, warmup=2, warm_calls=0), True
+
+
+def interleaved_times(timings: Sequence[Callable[[], float]], rounds: int) -> list[list[float]]:
+    """Each timing taken once per round, in turn, `rounds` times: drift between rounds (clocks,
+    where a graph's buffers land) hits all of them alike. Returns the times of each."""
+    times: list[list[float]] = [[] for _ in timings]
+    for _ in range(rounds):
+        for own, timing in zip(times, timings):
+            own.append(timing())
+    return times
 
 
 def wall_time_us(fn: Callable[[], object], *, repeats: int = 3) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -280,6 +281,7 @@ def measure_contenders(contenders: list[Contender], inputs, reference: torch.Ten
     One timing of a large layer now and then lands 15-20% high (seen on the H200 at
     M >= 3072, same inputs and config); rounds keep such a draw from deciding the table.
     """
+    from .bench import interleaved_times
     from .layer import align_for, run_aligned
     from .reference import relative_error
 
@@ -296,12 +298,8 @@ def measure_contenders(contenders: list[Contender], inputs, reference: torch.Ten
         out.fill_(float("nan"))  # an element the kernels skip stays NaN and shows as an infinite error
         errors[contender.name] = relative_error(layer(), reference)
         layers[contender.name] = layer
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    for _ in range(rounds):
-        for contender in contenders:
-            times[contender.name].append(timer(layers[contender.name]))
-    return {c.name: Measurement(c, statistics.median(times[c.name]), errors[c.name], tuple(times[c.name]))
-            for c in contenders}
+    times = interleaved_times([functools.partial(timer, layers[c.name]) for c in contenders], rounds)
+    return {c.name: Measurement(c, statistics.median(t), errors[c.name], tuple(t)) for c, t in zip(contenders, times)}
 
 
 # ---------------------------------------------------------------------------------------

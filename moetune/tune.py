@@ -21,6 +21,7 @@ size are settled; workers write none, and `collect` writes the tables from the s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -35,7 +36,7 @@ from typing import Callable
 import torch
 
 from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest
-from .bench import make_weights
+from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo
 from .errors import UsageError
@@ -373,10 +374,7 @@ def interleaved_medians(bench: BatchBench, layers: list[tuple[str, dict, dict]],
     """Median layer time of each (variant, GEMM 1, GEMM 2), timed in interleaved rounds: each
     round times every layer once, so drift between rounds hits all of them alike."""
     start = time.monotonic()
-    times: list[list[float]] = [[] for _ in layers]
-    for _ in range(rounds):
-        for i, (variant, c1, c2) in enumerate(layers):
-            times[i].append(bench.time_layer(variant, c1, c2))
+    times = interleaved_times([functools.partial(bench.time_layer, *layer) for layer in layers], rounds)
     clock.gpu_s += time.monotonic() - start
     return [statistics.median(t) for t in times]
 

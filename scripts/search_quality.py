@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moetune.bench import make_weights
+from moetune.bench import interleaved_times, make_weights
 from moetune.bench_layer import BatchBench
 from moetune.device import local_device, torch_device
 from moetune.space import Problem, candidates, load_space
@@ -52,13 +52,10 @@ def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler)
     return sorted(measured, key=lambda item: item[0])
 
 
-def interleaved_role_medians(bench: BatchBench, role: str, configs: list[dict], rounds: int) -> list[float]:
-    """Median µs of each config in one role, timed in interleaved rounds so drift hits all alike."""
-    times: list[list[float]] = [[] for _ in configs]
-    for _ in range(rounds):
-        for i, config in enumerate(configs):
-            times[i].append(bench.time_role(role, config)[0])
-    return [statistics.median(t) for t in times]
+def role_medians(bench: BatchBench, role: str, configs: list[dict], rounds: int) -> list[float]:
+    """Median µs of each config in one role, timed in interleaved rounds."""
+    timings = [lambda config=config: bench.time_role(role, config)[0] for config in configs]
+    return [statistics.median(t) for t in interleaved_times(timings, rounds)]
 
 
 def main() -> int:
@@ -94,10 +91,9 @@ def main() -> int:
                 tuned = entry[variant][gemm]
                 best = ranked[0][1]
                 rank = next((i + 1 for i, (_, c) in enumerate(ranked) if c == tuned), None)
-                if tuned == best:  # the search found the sweep's best: nothing to time against
-                    best_us = tuned_us = interleaved_role_medians(bench, role, [best], args.rounds)[0]
-                else:
-                    best_us, tuned_us = interleaved_role_medians(bench, role, [best, tuned], args.rounds)
+                # When the search found the sweep's best there is nothing to time it against.
+                medians = role_medians(bench, role, [best] if tuned == best else [best, tuned], args.rounds)
+                best_us, tuned_us = medians[0], medians[-1]
                 row = {"M": M, "role": role, "candidates": len(configs), "measured": len(ranked),
                        "sweep_best_us": best_us, "sweep_best": best, "tuned_us": tuned_us, "tuned": tuned,
                        "tuned_over_best": tuned_us / best_us, "tuned_rank_in_sweep": rank,
