@@ -20,7 +20,6 @@ import functools
 import io
 import json
 import math
-import os
 import re
 import shlex
 import statistics
@@ -37,7 +36,7 @@ import torch
 from .device import DeviceInfo, local_device, torch_device
 from .errors import UsageError
 from .shapes import MoEShape
-from .tables import TORCH_DTYPES
+from .tables import TORCH_DTYPES, write_atomic
 from .tune_cli import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
                        shapes_and_batch_sizes)
 
@@ -534,17 +533,3 @@ def write_results(results: list[ShapeResult], settings: CompareSettings) -> list
     for path, data in files:
         write_atomic(path, data)
     return [path for path, _ in files]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part: write a temp file, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target (os.replace is atomic within one file system); open() keeps the umask.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -23,7 +23,7 @@ from typing import Mapping
 from .device import device_key as to_device_key
 from .errors import TableError, UsageError
 from .loader import FROM_FAMILY, find_tables, nearest_batch_size
-from .tables import checked_config, dtype_name, read_table, write_json_atomic
+from .tables import checked_config, dtype_name, read_table, write_atomic
 
 FORMATS = ("vllm", "sglang")
 # What Triton launches with when a config leaves these out (some SGLang files do).
@@ -245,7 +245,7 @@ def export_command(args: argparse.Namespace) -> int:
 def write_planned(files: list[PlannedFile], messages: list[str], out: Path) -> int:
     """Write planned vLLM/SGLang files atomically and report each one."""
     for file in files:
-        write_json_atomic(out / file.relative, foreign_json(file.configs))
+        write_atomic(out / file.relative, foreign_json(file.configs))
         print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
     for message in messages:
         print(message)

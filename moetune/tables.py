@@ -326,8 +326,9 @@ def table_json(table: Mapping) -> str:
     return json.dumps(table, indent=2) + "\n"
 
 
-def write_json_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old file or the new one, never a part.
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace `path` with `data` (text is written as UTF-8) so that readers see the old file
+    or the new one, never a part.
 
     The temporary file lives in the target's folder because os.replace is atomic only
     within one file system; fsync before the rename so a crash cannot leave an empty file.
@@ -336,8 +337,8 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp:
-            temp.write(text)
+        with os.fdopen(fd, "wb") as temp:
+            temp.write(data.encode("utf-8") if isinstance(data, str) else data)
             temp.flush()
             os.fsync(temp.fileno())
         os.replace(temp_name, path)
@@ -367,7 +368,7 @@ def _fsync_folder(folder: Path) -> None:
 def write_table(path: str | os.PathLike, table: Mapping) -> None:
     """Validate `table` and write it atomically; an invalid table writes nothing."""
     clean = validate_table(table, str(path))
-    write_json_atomic(path, table_json(clean))
+    write_atomic(path, table_json(clean))
 
 
 def merge_tables(old: Mapping, new: Mapping) -> dict:

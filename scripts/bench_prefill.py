@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from moetune.device import local_device
     from moetune.errors import UsageError
     from moetune.shapes import get_preset, parse_batch_sizes
-    from moetune.tables import write_json_atomic
+    from moetune.tables import write_atomic
 
     try:
         shape = get_preset(args.model, args.tp_size)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     path = out_dir / f"bench_prefill_{shape.name}_tp{args.tp_size}_{args.dtype}.json"
-    write_json_atomic(path, json.dumps(document, indent=2) + "\n")
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
