@@ -93,13 +93,9 @@ def time_stack(forward: Callable[[], object]) -> Timing:
     """Milliseconds per forward: a CUDA graph of the whole stack if it captures, else eager."""
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compile and allocate outside the capture
-            forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    from moetune.bench import warm_up
+
+    warm_up(forward, 2)  # compile and allocate outside the capture
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
