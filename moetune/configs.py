@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+# Shared memory a block may opt in to on Hopper (H100, H200): the limit assumed when none is known.
+HOPPER_SHARED_MEMORY_BYTES = 232448
+
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 BLOCK_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
 
@@ -45,7 +48,7 @@ def default_config(M: int, E: int, N: int, K: int, topk: int, *,
     The expected rows per expert, M * topk / E, picks the tile: few rows are memory-bound
     (each expert's weights stream once), so a short BLOCK_SIZE_M wastes the fewest padded
     rows; many rows want large tiles for reuse. Stages shrink until the pipeline fits
-    `shared_memory_bytes` (Hopper's 227 KB when unknown).
+    `shared_memory_bytes` (Hopper's when unknown).
     """
     rows_per_expert = max(1, M * topk // max(E, 1))
     if rows_per_expert <= 8:
@@ -58,12 +61,22 @@ def default_config(M: int, E: int, N: int, K: int, topk: int, *,
         config = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
     else:
         config = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=16, num_warps=8, num_stages=4)
-    limit = shared_memory_bytes or 232448
-    # 2-byte operands; fp32 inputs run as tf32 with 4 bytes but the same tiles.
-    per_stage = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
-    while config["num_stages"] > 2 and config["num_stages"] * per_stage > limit:
+    limit = shared_memory_bytes or HOPPER_SHARED_MEMORY_BYTES
+    # Sized for 2-byte operands; fp32 inputs run as tf32 with 4 bytes but the same tiles.
+    while config["num_stages"] > 2 and shared_memory_estimate(config, 2) > limit:
         config["num_stages"] -= 1
-    while config["num_stages"] * per_stage > limit and config["BLOCK_SIZE_N"] > 32:
+    while shared_memory_estimate(config, 2) > limit and config["BLOCK_SIZE_N"] > 32:
         config["BLOCK_SIZE_N"] //= 2
-        per_stage = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
     return config
+
+
+def shared_memory_estimate(config: Mapping[str, int], dtype_bytes: int) -> int:
+    """Bytes of shared memory one program needs.
+
+    Each pipeline stage buffers one A tile (BM x BK) and one B tile (BK x BN); the epilogue's
+    BM x BN output tile reuses that memory once the loop is done, so the larger of the two counts.
+    """
+    bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    pipeline = config["num_stages"] * (bm * bk + bk * bn) * dtype_bytes
+    epilogue = bm * bn * dtype_bytes
+    return max(pipeline, epilogue)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .configs import HOPPER_SHARED_MEMORY_BYTES
+
 CPU_KEY = "cpu"
 
 
@@ -45,10 +47,10 @@ def local_device(index: int | None = None) -> DeviceInfo:
     if torch.cuda.is_available() and not interpreter_enabled():
         index = torch.cuda.current_device() if index is None else index
         props = torch.cuda.get_device_properties(index)
-        smem = getattr(props, "shared_memory_per_block_optin", 0) or 232448
+        smem = getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED_MEMORY_BYTES
         return DeviceInfo(props.name, device_key(props.name), (props.major, props.minor), int(smem))
     # The interpreter has no shared-memory limit; use Hopper's so pruning behaves alike.
-    return DeviceInfo(CPU_KEY, CPU_KEY, None, 232448)
+    return DeviceInfo(CPU_KEY, CPU_KEY, None, HOPPER_SHARED_MEMORY_BYTES)
 
 
 def torch_device() -> torch.device:

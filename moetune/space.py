@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .configs import BLOCK_KEYS, CONFIG_KEYS
+from .configs import BLOCK_KEYS, CONFIG_KEYS, shared_memory_estimate
 from .errors import UsageError
 
 DEFAULT_SPACE_FILE = "space.yaml"
@@ -176,18 +176,6 @@ class Problem:
         each non-empty expert (at most min(rows, E) of them) pads up to block_m - 1 rows."""
         padded_rows = self.rows + min(self.rows, self.E) * (block_m - 1)
         return -(-padded_rows // block_m)
-
-
-def shared_memory_estimate(config: Mapping[str, int], dtype_bytes: int) -> int:
-    """Bytes of shared memory one program needs.
-
-    Each pipeline stage buffers one A tile (BM x BK) and one B tile (BK x BN); the epilogue's
-    BM x BN output tile reuses that memory once the loop is done, so the larger of the two counts.
-    """
-    bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    pipeline = config["num_stages"] * (bm * bk + bk * bn) * dtype_bytes
-    epilogue = bm * bn * dtype_bytes
-    return max(pipeline, epilogue)
 
 
 def _first_failed_rule(

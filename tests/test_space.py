@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moetune.configs import CONFIG_KEYS, check_config
+from moetune.configs import CONFIG_KEYS, check_config, default_config
 from moetune.errors import UsageError
 from moetune.space import (
     KEPT,
@@ -312,3 +312,12 @@ def test_smallest_config_always_survives(problem: Problem) -> None:
     smallest = {key: values[0] for key, values in DEFAULT_VALUES.items()}
     assert prune_reason(smallest, problem, HOPPER_SMEM, DEFAULT) is None
     assert candidates(DEFAULT, problem, HOPPER_SMEM)
+
+
+@pytest.mark.parametrize("limit", [232448, 101376, 49152])
+def test_default_config_fits_the_shared_memory_it_is_given(limit) -> None:
+    # A large batch asks for the widest default tile; smaller GPUs must get one that launches.
+    config = default_config(16384, 64, 2560, 3584, 8, shared_memory_bytes=limit)
+    assert shared_memory_estimate(config, 2) <= limit
+    if limit == 232448:  # Hopper: the 128x256x64 4-stage tile that wins at large M
+        assert (config["BLOCK_SIZE_N"], config["num_stages"]) == (256, 4)
