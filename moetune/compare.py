@@ -160,7 +160,7 @@ def command_line(args: argparse.Namespace) -> str:
     flags = [("--model", args.model), ("--model-config", args.model_config), ("--E", args.E), ("--topk", args.topk),
              ("--hidden", args.hidden), ("--intermediate", args.intermediate), ("--tp-size", args.tp_size),
              ("--gpu", args.gpu), ("--dtype", args.dtype), ("--batch-sizes", args.batch_sizes),
-             ("--baseline-configs", args.baseline_configs), ("--out", args.out), ("--seed", args.seed)]
+             ("--baseline-configs", args.baseline_configs), ("--out", args.out), ("--seed", args.seed), ("--rounds", args.rounds)]
     words = ["moetune", "compare"]
     for flag, value in flags:
         if value is not None:
@@ -435,8 +435,8 @@ def metadata(settings: CompareSettings) -> dict:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "moetune": __version__},
         "command_line": settings.command_line,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing": "CUDA graph of 10 calls, median of 20 replays" if settings.device.is_gpu
-                  else "wall clock under Triton's interpreter: meaningless for speed",
+        "timing": (f"CUDA graph of 10 calls, median of 20 replays; median of {settings.rounds} interleaved rounds"
+                   if settings.device.is_gpu else "wall clock under Triton's interpreter: meaningless for speed"),
         "roofline": "max(bytes / 4.25 TB/s, FLOPs / 807 TFLOP/s): H200 ceilings",
         "seed": settings.seed,
     }

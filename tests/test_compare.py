@@ -204,3 +204,4 @@ def test_rounds_are_recorded_and_the_median_kept(tmp_path):
         assert len(rounds) == 3
         assert float(rows[0][f"{name}_us"]) == pytest.approx(statistics.median(rounds), rel=1e-3)
         assert document["rows"][0]["contenders"][name]["rounds_us"] == pytest.approx(rounds, rel=1e-3)
+    assert "--rounds 3" in document["metadata"]["command_line"]  # the command reproduces the rounds too
