@@ -376,38 +376,63 @@ def file_stem(shape: MoEShape, dtype: str, tp_size: int) -> str:
     return f"{base}_{dtype}"
 
 
-def csv_columns(names: list[str]) -> list[str]:
-    columns = ["M", "experts_hit", "roofline_us"]
-    for name in names:
-        columns += [f"{name}_us", f"{name}_rounds_us", f"{name}_rel_error", f"{name}_variant", f"{name}_source",
-                    f"{name}_table_M", f"{name}_gemm1", f"{name}_gemm2"]
-    columns += ["fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio", "winner", "dispatcher_pick"]
-    return columns
-
-
 def _compact(config: dict) -> str:
     from .loader import compact_config
 
     return compact_config(config)
 
 
-def csv_rows(result: ShapeResult) -> list[dict]:
-    rows = []
+def _as_is(value):
+    return value
+
+
+# Per batch size, after the contenders' columns.
+SUMMARY_KEYS = ("fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio", "winner", "dispatcher_pick")
+# A contender's CSV columns: `<name>_<suffix>`, from its JSON record's `key`, written by `text`.
+CSV_CONTENDER_FIELDS = (
+    ("us", "us", _as_is),
+    ("rounds_us", "rounds_us", lambda times: " ".join(f"{t:.3f}" for t in times)),
+    ("rel_error", "rel_error", _as_is),
+    ("variant", "variant", _as_is),
+    ("source", "source", _as_is),
+    ("table_M", "table_batch_size", lambda value: "" if value is None else value),
+    ("gemm1", "gemm1", _compact),
+    ("gemm2", "gemm2", _compact),
+)
+
+
+def row_records(result: ShapeResult) -> list[dict]:
+    """What the CSV and JSON files say of each batch size, in the JSON's shape."""
+    records = []
     for row in result.rows:
-        record: dict = {"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us}
+        contenders = {}
         for name in result.names:
             measured = row.measured[name]
             c = measured.contender
-            record.update({f"{name}_us": measured.time_us,
-                           f"{name}_rounds_us": " ".join(f"{t:.3f}" for t in measured.round_us),
-                           f"{name}_rel_error": measured.rel_error,
-                           f"{name}_variant": c.variant, f"{name}_source": c.source,
-                           f"{name}_table_M": "" if c.batch_size is None else c.batch_size,
-                           f"{name}_gemm1": _compact(c.gemm1), f"{name}_gemm2": _compact(c.gemm2)})
-        record.update({"fused_speedup": row.speedup, "unfused_roofline_ratio": row.roofline_ratio("unfused"),
-                       "fused_roofline_ratio": row.roofline_ratio("fused"), "winner": row.winner,
-                       "dispatcher_pick": row.measured["dispatcher"].contender.variant})
-        rows.append(record)
+            contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.round_us),
+                                "rel_error": measured.rel_error, "variant": c.variant, "source": c.source,
+                                "table_batch_size": c.batch_size, "gemm1": c.gemm1, "gemm2": c.gemm2}
+        summary = (row.speedup, row.roofline_ratio("unfused"), row.roofline_ratio("fused"), row.winner,
+                   row.measured["dispatcher"].contender.variant)
+        records.append({"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us,
+                        **dict(zip(SUMMARY_KEYS, summary)), "contenders": contenders})
+    return records
+
+
+def csv_columns(names: list[str]) -> list[str]:
+    columns = ["M", "experts_hit", "roofline_us"]
+    for name in names:
+        columns += [f"{name}_{suffix}" for suffix, _, _ in CSV_CONTENDER_FIELDS]
+    return columns + list(SUMMARY_KEYS)
+
+
+def csv_rows(result: ShapeResult) -> list[dict]:
+    rows = []
+    for record in row_records(result):
+        row = {key: record[key] for key in ("M", "experts_hit", "roofline_us")}
+        for name, contender in record["contenders"].items():
+            row.update({f"{name}_{suffix}": text(contender[key]) for suffix, key, text in CSV_CONTENDER_FIELDS})
+        rows.append(row | {key: record[key] for key in SUMMARY_KEYS})
     return rows
 
 
@@ -444,20 +469,10 @@ def metadata(settings: CompareSettings) -> dict:
 
 def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str:
     shape = result.plan.shape
-    rows = []
-    for row in result.rows:
-        contenders = {}
-        for name in result.names:
-            measured = row.measured[name]
-            c = measured.contender
-            contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.round_us),
-                                "rel_error": _finite_or_none(measured.rel_error),
-                                "variant": c.variant, "source": c.source, "table_batch_size": c.batch_size,
-                                "gemm1": c.gemm1, "gemm2": c.gemm2}
-        rows.append({"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us,
-                     "fused_speedup": row.speedup, "unfused_roofline_ratio": row.roofline_ratio("unfused"),
-                     "fused_roofline_ratio": row.roofline_ratio("fused"), "winner": row.winner,
-                     "dispatcher_pick": row.measured["dispatcher"].contender.variant, "contenders": contenders})
+    rows = row_records(result)
+    for row in rows:
+        for contender in row["contenders"].values():
+            contender["rel_error"] = _finite_or_none(contender["rel_error"])
     document = {
         "metadata": {**meta, "config_sources": {name: contender_sources(result.rows, name) for name in result.names},
                      "notes": result.plan.notes},
