@@ -44,6 +44,8 @@ class CompileRequest(NamedTuple):
     a_rows_per_slot: int
     mul_routed_weight: bool
     atomic_add: bool
+
+
 ROLE_VARIANT = {"gemm2_unfused": "unfused", "gemm2_fused": "fused"}
 
 

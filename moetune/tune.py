@@ -38,7 +38,7 @@ import torch
 from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest
 from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
-from .device import DeviceInfo
+from .device import DeviceInfo, torch_device
 from .errors import UsageError
 from .shapes import MoEShape
 from .space import Problem, SearchSpace, candidates, optuna_distributions, prune_reason
@@ -461,7 +461,7 @@ class Benches:
 
     def __init__(self, settings: TuneSettings):
         self.settings = settings
-        self.device = torch.device("cuda") if settings.device.is_gpu else torch.device("cpu")
+        self.device = torch_device()
         self.shape_key, self.weights, self.key, self.bench = None, None, None, None
 
     def get(self, shape: MoEShape, M: int) -> BatchBench:
