@@ -1,8 +1,9 @@
 """The tuner: one Optuna study per (device, shape, dtype, role, batch size), then the layer.
 
 For each batch size, in ascending order:
-  1. tune the roles (gemm1, gemm2_unfused, gemm2_fused) with multivariate TPE, warm-started
-     with the neighbouring batch size's best, the default heuristic and a baseline table;
+  1. tune the roles (gemm1, gemm2_unfused, gemm2_fused) with multivariate TPE (steered to
+     configs worth a trial, see sampler.py), warm-started with the neighbouring batch size's
+     best, the default heuristic and a baseline table;
      candidates are pruned by rule before compiling, compiled ahead in worker processes,
      checked against the float64 reference, then timed;
   2. per variant, time whole layers for the best GEMM 1 x best GEMM 2 pairs, re-time the
@@ -15,8 +16,9 @@ Each walks the same list of studies and joins any that still has trials to give 
 trials other processes hold RUNNING count against the budget, so together they overshoot it
 by at most one trial per process asking at the same instant. After its walk a process waits
 until every study is settled, taking over the trials of a process that died (see
-study_storage). Only a process that writes tables runs step 2, once all roles of the batch
-size are settled; workers write none, and `collect` writes the tables from the storage.
+study_storage). Only a process that writes tables runs step 2, as soon as all roles of a
+batch size are settled (under `--devices`, the first GPU's process); `--worker` processes
+write none, and `collect` writes the tables from the storage.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo, torch_device
 from .errors import UsageError
+from .sampler import KeptConfigSampler
 from .shapes import MoEShape
 from .space import Problem, SearchSpace, candidates, optuna_distributions, prune_reason
 from .studies import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, params_key, rejection_reasons,
@@ -158,6 +161,8 @@ class RoleStudy:
         self.distributions = optuna_distributions(settings.space)
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": settings.label or None}
         self.seen: dict[tuple, float | None] = {}
+        self.held: set[tuple] = set()  # configs of the RUNNING trials, at the last look
+        self._kept: list[dict] | None = None
         # Why this process stopped asking short of the budget: the time budget, or a search
         # space so small that the sampler proposes only configs already tried or pruned.
         self.stopped_short: str | None = None
@@ -200,8 +205,27 @@ class RoleStudy:
                 queued.add(key)
                 self.study.enqueue_trial(config, skip_if_exists=True)
 
+    @property
+    def kept(self) -> list[dict]:
+        """The configs of the space the pruning rules keep for this problem."""
+        if self._kept is None:
+            self._kept = candidates(self.settings.space, self.problem, self.settings.device.shared_memory_bytes)
+        return self._kept
+
+    def worth_trying(self, params: dict) -> bool:
+        """Kept by the rules, and neither measured nor held by any process (the sampler's test)."""
+        config = config_of(params)
+        key = params_key(config)
+        return (key not in self.seen and key not in self.held
+                and prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
+                                 self.settings.space) is None)
+
+    def fresh_configs(self) -> list[dict]:
+        """The kept configs nobody has measured or holds."""
+        return [c for c in self.kept if params_key(c) not in self.seen and params_key(c) not in self.held]
+
     def _nearest_kept(self, config: dict) -> dict | None:
-        kept = candidates(self.settings.space, self.problem, self.settings.device.shared_memory_bytes)
+        kept = self.kept
         if not kept:
             return None
         return min(kept, key=lambda c: sum(abs(math.log2(c[k] / config[k])) for k in CONFIG_KEYS))
@@ -216,6 +240,7 @@ class RoleStudy:
                 if value is not None or key not in self.seen:
                     self.seen[key] = value
         state = study_state(self.study, trials)
+        self.held = set(state.held.values())
         self.on_progress(state.counted)
         return state
 
@@ -447,7 +472,7 @@ def roles_for(variants: list[str]) -> list[str]:
 
 
 def search_record(settings: TuneSettings) -> dict:
-    return {"sampler": "TPESampler(multivariate=True, constant_liar=True)", "trials": settings.trials,
+    return {"sampler": "KeptConfigSampler(TPESampler(multivariate=True, constant_liar=True))", "trials": settings.trials,
             "seed": settings.seed, "time_budget_min": settings.time_budget_min, "space": settings.space.to_dict()}
 
 
@@ -479,7 +504,7 @@ class Benches:
         return self.bench
 
 
-def _table_path(settings: TuneSettings, shape: MoEShape) -> Path:
+def table_path_of(settings: TuneSettings, shape: MoEShape) -> Path:
     return table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk, settings.dtype)
 
 
@@ -538,6 +563,7 @@ class TuningRun:
         for shape in self.settings.shapes:
             baseline = _baseline_configs(self.settings, shape)
             best_before: dict[str, list[dict]] = {}
+            visited: list[int] = []
             for M in sorted(self.settings.batch_sizes):
                 for role in self.roles:
                     self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
@@ -551,15 +577,22 @@ class TuningRun:
                     result = runner.result()
                     if result is not None:
                         best_before[role] = [config for _, config in result.ranked[:3]]
-                batch = [(_shape_key(shape), M, role) for role in self.roles]
-                self._write_if_settled(shape, M, {key for key in batch if self.studies[key].settled()})
+                visited.append(M)
+                # Earlier batch sizes whose last trials other processes held may be settled by now:
+                # writing them here keeps their layer timing from piling up after the walk.
+                for earlier in visited:
+                    self._write_if_settled(shape, earlier)
 
     def _open(self, shape: MoEShape, M: int, role: str, warm: list[dict]) -> RoleStudy:
         import optuna
 
         key = (_shape_key(shape), M, role)
-        sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8,
-                                             seed=(self.settings.seed + M + self.settings.sampler_salt) % 2**32)
+        seed = (self.settings.seed + M + self.settings.sampler_salt) % 2**32
+        tpe = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8, seed=seed)
+        runner: RoleStudy | None = None  # the sampler asks it what is worth a trial
+        sampler = KeptConfigSampler(tpe, optuna_distributions(self.settings.space),
+                                    fresh=lambda: runner.fresh_configs(),
+                                    worth_trying=lambda params: runner.worth_trying(params), seed=seed)
         name = study_name(self.settings.device, shape, self.settings.dtype, role, M)
         study, created = sharer(self.settings).open(self.storage, name, sampler)
         runner = RoleStudy(study, role, shape, M, self.settings, lambda: self.benches.get(shape, M), self.compiler,
@@ -579,11 +612,10 @@ class TuningRun:
     def _wait_for_others(self) -> None:
         waited = False
         while True:
-            settled = {key for key, runner in self.studies.items() if runner.settled()}
             for shape in self.settings.shapes:
                 for M in sorted(self.settings.batch_sizes):
-                    self._write_if_settled(shape, M, settled)
-            unsettled = [(key, runner) for key, runner in self.studies.items() if key not in settled]
+                    self._write_if_settled(shape, M)
+            unsettled = [(key, runner) for key, runner in self.studies.items() if not runner.settled()]
             if not unsettled:
                 return
             if not waited:
@@ -596,17 +628,17 @@ class TuningRun:
             if not ran:
                 time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
 
-    def _write_if_settled(self, shape: MoEShape, M: int, settled: set[tuple]) -> None:
+    def _write_if_settled(self, shape: MoEShape, M: int) -> None:
         """Choose the batch size's pairs and write it, once all its roles are settled."""
         batch = (_shape_key(shape), M)
         if not self.write_tables or batch in self.written:
             return
-        if not all((*batch, role) in settled for role in self.roles):
+        if not all(self.studies[(*batch, role)].settled() for role in self.roles):
             return
         runners = {role: self.studies[(*batch, role)] for role in self.roles}
         bench = self.benches.get(shape, M)
         entry = batch_entry(bench, {role: r.study for role, r in runners.items()}, self.settings, self.clock)
-        path = _table_path(self.settings, shape)
+        path = table_path_of(self.settings, shape)
         write_entry(path, self.settings, shape, M, entry)
         self.written[batch] = entry
         if path not in self.paths:
@@ -641,7 +673,7 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     _log_device_use(settings, run.clock, log)
     if not write_tables:
         log(f"{run.evaluated} trials evaluated here; "
-            f"no table written (a worker leaves that to `moetune collect`)")
+            f"no table written here (the tables come from the writing process or `moetune collect`)")
     else:
         _note_interpreter(settings, log)
     return written
@@ -679,7 +711,7 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
     benches = Benches(settings)
     written = []
     for shape in settings.shapes:
-        path = _table_path(settings, shape)
+        path = table_path_of(settings, shape)
         rows = []
         for M in sorted(settings.batch_sizes):
             entry = batch_entry(benches.get(shape, M), {role: studies[(_shape_key(shape), M, role)] for role in roles},

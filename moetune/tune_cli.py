@@ -219,9 +219,9 @@ def main(args: argparse.Namespace) -> int:
     if devices is not None and len(devices) > 1:
         from .workers import run_workers
 
-        run_workers(settings, devices)
-        if args.worker:
-            return 0
+        if run_workers(settings, devices, first_writes=not args.worker) or args.worker:
+            return 0  # the first worker wrote the tables and said so
+        print("the first worker did not finish: writing the tables from the studies here")
         # The pairs are timed on one GPU only, so that all layer times in a table compare.
         use_gpu(settings, devices[0])
         from .tune import collect

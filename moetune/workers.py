@@ -1,9 +1,10 @@
 """`moetune run --devices 0,1,...`: one tuning process per GPU, sharing the studies.
 
-Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner as a worker:
-trials only, coordinated through the storage (see tune.py). The parent waits for them and
-then chooses the pairs and writes the tables itself, on the first listed GPU alone, so the
-layer times in a table all come from one device.
+Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, coordinated
+through the storage (see tune.py). The first listed GPU's process also chooses the pairs and
+writes the tables, each batch size as soon as its studies settle, so the layer times in a
+table all come from one device and that timing overlaps the other GPUs' trials. The others
+run trials only. Should the writer fail, the parent writes the tables from the storage.
 
 Without a GPU the devices are labels only: each is one more process running kernels in
 Triton's interpreter, which lets the CPU tests go through the same code.
@@ -74,15 +75,17 @@ def _only_gpu(index: int | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def _work(settings) -> None:
-    """A worker process: tune without writing tables."""
+def _work(settings, write_tables: bool) -> None:
+    """A worker process: tune, writing the tables only if it is the writer."""
     from .tune import tune, worker_salt
 
     settings = replace(settings, sampler_salt=worker_salt())
     label = settings.label
     try:
-        tune(settings, log=lambda line: print(f"[{label}] {line}" if line.strip() else line, flush=True),
-             write_tables=False)
+        written = tune(settings, write_tables=write_tables,
+                       log=lambda line: print(f"[{label}] {line}" if line.strip() else line, flush=True))
+        for path in written:
+            print(f"[{label}] wrote {path}", flush=True)
     except UsageError as error:
         print(f"moetune: error: [{label}] {error}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -90,15 +93,17 @@ def _work(settings) -> None:
         sys.exit(130)
 
 
-def run_workers(settings, devices: list[int], log: Callable[[str], None] = print) -> None:
-    """Run one worker per device and wait for all. Raises when none finished: the studies
-    a failed worker held are finished by the others."""
+def run_workers(settings, devices: list[int], first_writes: bool = True, log: Callable[[str], None] = print) -> bool:
+    """Run one worker per device and wait for all; with `first_writes` the first device's
+    worker writes the tables. Returns whether that writer finished. Raises when no worker
+    finished: the studies a failed worker held are finished by the others."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     processes = []
     for slot, index in enumerate(devices):
         label = f"gpu {index}" if settings.device.is_gpu else f"cpu worker {index}"
         worker_settings = replace(settings, label=label, bar_position=slot)
-        process = context.Process(target=_work, args=(worker_settings,), name=f"moetune {label}")
+        writes = first_writes and slot == 0
+        process = context.Process(target=_work, args=(worker_settings, writes), name=f"moetune {label}")
         with _only_gpu(index if settings.device.is_gpu else None):
             process.start()
         processes.append((label, process))
@@ -119,3 +124,4 @@ def run_workers(settings, devices: list[int], log: Callable[[str], None] = print
         if all(code == 2 for _, code in failed):
             raise UsageError("every worker refused to start (see above)")
         raise RuntimeError("every worker failed (see above)")
+    return first_writes and processes[0][1].exitcode == 0

@@ -86,13 +86,29 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 # -- the real code path, end to end ----------------------------------------------------------
 
-def test_two_devices_share_the_studies_and_the_parent_writes_the_table(tmp_path, capsys):
+def test_two_devices_share_the_studies_and_the_first_writes_the_table(tmp_path, capfd):
     assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "2 workers" in out and "wrote" in out
+    out = capfd.readouterr().out  # the workers' output too: they write to the same descriptor
+    assert "2 workers" in out
+    assert f"[cpu worker 0] wrote {tmp_path / 'cpu' / TABLE}" in out
+    assert "[cpu worker 1] wrote" not in out and "did not finish" not in out
     studies = studies_in(str(tmp_path / "cpu" / "moetune-studies.journal"))
     pids = check_shared_studies(studies, trials=3, workers=2)
     assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials; the parent none
+    check_table(tmp_path / "cpu" / TABLE)
+
+
+def test_the_parent_writes_the_table_when_the_first_worker_does_not(tmp_path, monkeypatch, capsys):
+    import moetune.workers as workers
+
+    real = workers.run_workers
+    # As if the writer had died: the workers run trials only and report no writer.
+    monkeypatch.setattr(workers, "run_workers",
+                        lambda settings, devices, first_writes: real(settings, devices, first_writes=False))
+    assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "did not finish: writing the tables from the studies here" in out
+    assert f"wrote {tmp_path / 'cpu' / TABLE}" in out
     check_table(tmp_path / "cpu" / TABLE)
 
 
@@ -255,8 +271,9 @@ def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch
     import moetune.tune as tune
 
     seen = {}
-    monkeypatch.setattr(workers, "run_workers", lambda settings, devices: seen.update(devices=devices))
+    monkeypatch.setattr(workers, "run_workers",
+                        lambda settings, devices, first_writes: seen.update(devices=devices, writes=first_writes))
     monkeypatch.setattr(tune, "collect", lambda settings, allow_incomplete: [])
     assert main(["run", *RUN, "--devices", "3,5,7", "--out-dir", str(tmp_path)]) == 0
-    assert seen["devices"] == [3, 5, 7]
+    assert seen == {"devices": [3, 5, 7], "writes": True}
     assert "3 workers (interpreter processes 3,5,7)" in capsys.readouterr().out
