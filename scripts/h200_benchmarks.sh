@@ -10,6 +10,10 @@
 #   quality        the tuner on $SPACE (default scripts/quality_space.yaml) at the batch sizes
 #                  $QUALITY_M (default 16,256,4096), then an exhaustive sweep of that same
 #                  space (docs/tuning.md); SPACE=moetune/space.yaml sweeps the default space
+#   sweep          the full default space swept at M = 4096, 256 and 16 against the winners of
+#                  $TABLE (default: the packaged Qwen3-30B-A3B table, from a full default tune):
+#                  four processes (one per role at 4096 and 16; every role at 256) spread over
+#                  the GPUs in $GPUS (default 0,1,2,3), several per GPU running one after another
 #   tune-2gpu      the Qwen3 tune on two GPUs (--devices 0,1), wall time (docs/tuning.md)
 #   scale          on a host with two GPUs: the Qwen3 tune on GPU 0 alone, then on both, each
 #                  with an empty Triton cache of its own; both wall times (docs/tuning.md)
@@ -43,6 +47,24 @@ case "$step" in
         --out-dir "$out/quality" --no-progress 2>&1 | tee "$out/quality_tune.log"
     timed python3 scripts/search_quality.py --space "$space" --m "$sizes" --out "$out" \
         --table "$out/quality/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json" 2>&1 | tee "$out/quality.log" ;;
+  sweep)
+    table=${TABLE:-tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json}
+    jobs=("gemm1 4096,16" "gemm2_unfused 4096,16" "gemm2_fused 4096,16" "gemm1,gemm2_unfused,gemm2_fused 256")
+    IFS=, read -ra gpus <<< "${GPUS:-0,1,2,3}"
+    n=${#gpus[@]}
+    workers=$(( ($(nproc) - n) / n )); (( workers > 15 )) && workers=15; (( workers < 1 )) && workers=1
+    for slot in "${!gpus[@]}"; do
+      for i in "${!jobs[@]}"; do
+        (( i % n == slot )) || continue
+        read -r roles sizes <<< "${jobs[$i]}"
+        CUDA_VISIBLE_DEVICES=${gpus[$slot]} timed python3 scripts/search_quality.py --table "$table" \
+            --space moetune/space.yaml --roles "$roles" --m "$sizes" --compile-workers "$workers" \
+            --out "$out/sweep_$i" > "$out/sweep_$i.log" 2>&1 || echo "sweep job $i failed" >&2
+      done &
+    done
+    wait
+    grep -h "^M=" "$out"/sweep_*.log | sort -s -t= -k2,2n
+    grep -H "^wall" "$out"/sweep_*.log ;;
   tune-2gpu)
     timed moetune run --gpu H200 --model Qwen3-30B-A3B --baseline-configs "$baseline" --devices 0,1 \
         --out-dir "$out/tuned_2gpu" --no-progress 2>&1 | tee "$out/tune_qwen3_2gpu.log" ;;

@@ -27,7 +27,7 @@ from moetune.bench import interleaved_times, make_weights
 from moetune.bench_layer import BatchBench
 from moetune.device import local_device, torch_device
 from moetune.space import Problem, candidates, load_space
-from moetune.tables import TORCH_DTYPES, read_table
+from moetune.tables import TORCH_DTYPES, read_table, write_atomic
 from moetune.tune import Compiler
 
 ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
@@ -61,12 +61,18 @@ def role_medians(bench: BatchBench, role: str, configs: list[dict], rounds: int)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help="a table written by moetune run")
-    parser.add_argument("--m", default="16,256,4096", help="batch sizes (must be in the table)")
+    parser.add_argument("--m", default="16,256,4096", help="batch sizes (must be in the table), in this order")
+    parser.add_argument("--roles", default=",".join(ROLE_CONFIG),
+                        help="roles to sweep (one process per role spreads a sweep over GPUs)")
     parser.add_argument("--space", default=None, help="search space YAML (default: moetune's)")
     parser.add_argument("--compile-workers", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds timing the best against the tuned")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
+    roles = [role.strip() for role in args.roles.split(",")]
+    bad = [role for role in roles if role not in ROLE_CONFIG]
+    if bad:
+        parser.error(f"--roles: unknown {', '.join(bad)}; use {', '.join(ROLE_CONFIG)}")
     table = read_table(args.table)
     shape, dtype = table["shape"], table["shape"]["dtype"]
     E, N, K, topk = shape["E"], shape["N"], shape["K"], shape["topk"]
@@ -76,11 +82,14 @@ def main() -> int:
     w1, w2 = make_weights(E, N, K, TORCH_DTYPES[dtype], torch_device(), generator)
     compiler = Compiler(args.compile_workers if device.is_gpu else 0)
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         for M in (int(m) for m in args.m.split(",")):
             entry = table["batch_sizes"][M]
             bench = BatchBench(w1, w2, M, topk, seed=M)
-            for role, (variant, gemm) in ROLE_CONFIG.items():
+            for role in roles:
+                variant, gemm = ROLE_CONFIG[role]
                 if variant not in entry:
                     continue
                 kind = "gemm1" if role == "gemm1" else "gemm2"
@@ -97,16 +106,17 @@ def main() -> int:
                 row = {"M": M, "role": role, "candidates": len(configs), "measured": len(ranked),
                        "sweep_best_us": best_us, "sweep_best": best, "tuned_us": tuned_us, "tuned": tuned,
                        "tuned_over_best": tuned_us / best_us, "tuned_rank_in_sweep": rank,
-                       "seconds": time.monotonic() - start}
+                       "seconds": time.monotonic() - start,
+                       # Every config's single timing, fastest first: scores any other table later.
+                       "sweep": [[round(us, 2), config] for us, config in ranked]}
                 rows.append(row)
                 print(f"M={M:<6d} {role:14s} {len(configs):5d} candidates  sweep best {best_us:9.1f} us  "
                       f"tuned {tuned_us:9.1f} us  tuned/best {tuned_us / best_us:6.3f}  "
                       f"tuned ranked {rank or '-'} in the sweep  ({row['seconds']:.0f} s)", flush=True)
+                # After every row: a sweep stopped by a time limit keeps what it measured.
+                write_atomic(out / "search_quality.json", json.dumps(rows, indent=1))
     finally:
         compiler.close()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search_quality.json").write_text(json.dumps(rows, indent=1))
     if not device.is_gpu:
         print("note: interpreter timings on the CPU mean nothing about speed")
     return 0
