@@ -39,8 +39,6 @@ class KeptConfigSampler(optuna.samplers.BaseSampler):
         return dict(self.distributions)
 
     def sample_relative(self, study, trial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        if search_space != self.distributions:
-            return {}
         proposal: dict[str, Any] = {}
         for _ in range(self.tries):
             proposal = self.base.sample_relative(study, trial, search_space)

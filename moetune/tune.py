@@ -55,6 +55,8 @@ COMPILE_TIMEOUT_S = 180.0
 MIN_TRIALS_PAST_DEADLINE = 4
 # How often a process with nothing left to ask looks again at the studies others hold.
 WAIT_POLL_S = 2.0
+# The sampler of every study (wrapped by KeptConfigSampler) and the tables' record of it.
+TPE_OPTIONS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 8}
 
 
 @dataclass
@@ -162,7 +164,6 @@ class RoleStudy:
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": settings.label or None}
         self.seen: dict[tuple, float | None] = {}
         self.held: set[tuple] = set()  # configs of the RUNNING trials, at the last look
-        self._kept: list[dict] | None = None
         # Why this process stopped asking short of the budget: the time budget, or a search
         # space so small that the sampler proposes only configs already tried or pruned.
         self.stopped_short: str | None = None
@@ -172,9 +173,6 @@ class RoleStudy:
     @property
     def bench(self) -> BatchBench:
         return self.make_bench()
-
-    def counted(self) -> int:
-        return study_state(self.study).counted
 
     def settled(self) -> bool:
         """Nothing left for this process to do or wait for."""
@@ -195,8 +193,7 @@ class RoleStudy:
         for config in configs:
             if not all(config[k] in self.settings.space.values[k] for k in CONFIG_KEYS):
                 continue
-            if prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
-                            self.settings.space) is not None:
+            if params_key(config) not in self.kept:
                 config = self._nearest_kept(config)
                 if config is None:
                     continue
@@ -205,30 +202,27 @@ class RoleStudy:
                 queued.add(key)
                 self.study.enqueue_trial(config, skip_if_exists=True)
 
-    @property
-    def kept(self) -> list[dict]:
-        """The configs of the space the pruning rules keep for this problem."""
-        if self._kept is None:
-            self._kept = candidates(self.settings.space, self.problem, self.settings.device.shared_memory_bytes)
-        return self._kept
+    @functools.cached_property
+    def kept(self) -> dict[tuple, dict]:
+        """The configs of the space the pruning rules keep for this problem, by params_key."""
+        configs = candidates(self.settings.space, self.problem, self.settings.device.shared_memory_bytes)
+        return {params_key(config): config for config in configs}
+
+    def _fresh(self, key: tuple) -> bool:
+        return key in self.kept and key not in self.seen and key not in self.held
 
     def worth_trying(self, params: dict) -> bool:
         """Kept by the rules, and neither measured nor held by any process (the sampler's test)."""
-        config = config_of(params)
-        key = params_key(config)
-        return (key not in self.seen and key not in self.held
-                and prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
-                                 self.settings.space) is None)
+        return self._fresh(params_key(config_of(params)))
 
     def fresh_configs(self) -> list[dict]:
         """The kept configs nobody has measured or holds."""
-        return [c for c in self.kept if params_key(c) not in self.seen and params_key(c) not in self.held]
+        return [config for key, config in self.kept.items() if self._fresh(key)]
 
     def _nearest_kept(self, config: dict) -> dict | None:
-        kept = self.kept
-        if not kept:
+        if not self.kept:
             return None
-        return min(kept, key=lambda c: sum(abs(math.log2(c[k] / config[k])) for k in CONFIG_KEYS))
+        return min(self.kept.values(), key=lambda c: sum(abs(math.log2(c[k] / config[k])) for k in CONFIG_KEYS))
 
     def _survey(self) -> StudyState:
         """The study as all processes left it; learns the configs they finished."""
@@ -472,7 +466,8 @@ def roles_for(variants: list[str]) -> list[str]:
 
 
 def search_record(settings: TuneSettings) -> dict:
-    return {"sampler": "KeptConfigSampler(TPESampler(multivariate=True, constant_liar=True))", "trials": settings.trials,
+    tpe = ", ".join(f"{name}={value}" for name, value in TPE_OPTIONS.items())
+    return {"sampler": f"KeptConfigSampler(TPESampler({tpe}))", "trials": settings.trials,
             "seed": settings.seed, "time_budget_min": settings.time_budget_min, "space": settings.space.to_dict()}
 
 
@@ -578,17 +573,22 @@ class TuningRun:
                     if result is not None:
                         best_before[role] = [config for _, config in result.ranked[:3]]
                 visited.append(M)
-                # Earlier batch sizes whose last trials other processes held may be settled by now:
-                # writing them here keeps their layer timing from piling up after the walk.
-                for earlier in visited:
-                    self._write_if_settled(shape, earlier)
+                if self.write_tables:
+                    # Earlier batch sizes whose last trials other processes held may be settled
+                    # by now: writing them here keeps their layer timing from piling up after
+                    # the walk.
+                    unwritten = [(_shape_key(shape), m, role) for m in visited
+                                 if (_shape_key(shape), m) not in self.written for role in self.roles]
+                    settled = {key for key in unwritten if self.studies[key].settled()}
+                    for earlier in visited:
+                        self._write_if_settled(shape, earlier, settled)
 
     def _open(self, shape: MoEShape, M: int, role: str, warm: list[dict]) -> RoleStudy:
         import optuna
 
         key = (_shape_key(shape), M, role)
         seed = (self.settings.seed + M + self.settings.sampler_salt) % 2**32
-        tpe = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8, seed=seed)
+        tpe = optuna.samplers.TPESampler(**TPE_OPTIONS, seed=seed)
         runner: RoleStudy | None = None  # the sampler asks it what is worth a trial
         sampler = KeptConfigSampler(tpe, optuna_distributions(self.settings.space),
                                     fresh=lambda: runner.fresh_configs(),
@@ -612,28 +612,30 @@ class TuningRun:
     def _wait_for_others(self) -> None:
         waited = False
         while True:
+            # One look at each study per poll; a batch size already written is done with.
+            settled = {key for key, runner in self.studies.items() if key[:2] in self.written or runner.settled()}
             for shape in self.settings.shapes:
                 for M in sorted(self.settings.batch_sizes):
-                    self._write_if_settled(shape, M)
-            unsettled = [(key, runner) for key, runner in self.studies.items() if not runner.settled()]
+                    self._write_if_settled(shape, M, settled)
+            unsettled = [runner for key, runner in self.studies.items() if key not in settled]
             if not unsettled:
                 return
             if not waited:
                 self.log(f"waiting for {len(unsettled)} studies other processes hold")
                 waited = True
             ran = 0
-            for _, runner in unsettled:
+            for runner in unsettled:
                 ran += runner.run(self.deadline)
             self.evaluated += ran
             if not ran:
                 time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
 
-    def _write_if_settled(self, shape: MoEShape, M: int) -> None:
-        """Choose the batch size's pairs and write it, once all its roles are settled."""
+    def _write_if_settled(self, shape: MoEShape, M: int, settled: set[tuple]) -> None:
+        """Choose the batch size's pairs and write it, once all its roles are in `settled`."""
         batch = (_shape_key(shape), M)
         if not self.write_tables or batch in self.written:
             return
-        if not all(self.studies[(*batch, role)].settled() for role in self.roles):
+        if not all((*batch, role) in settled for role in self.roles):
             return
         runners = {role: self.studies[(*batch, role)] for role in self.roles}
         bench = self.benches.get(shape, M)
