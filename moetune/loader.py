@@ -88,7 +88,31 @@ class TableFile:
     device_key: str  # the folder it sits in
 
 
+@dataclass(frozen=True)
+class _ShapeSource:
+    """What serves one shape on one device: a table (or none: the default heuristic) and the
+    variant wanted. Found once per shape; each new M only picks from it."""
+
+    E: int
+    N: int
+    K: int
+    topk: int
+    table: Mapping | None
+    path: str | None
+    wanted: str | None  # None: the table's winner
+
+    def select(self, M: int) -> Selection:
+        if self.table is None:
+            return default_selection(self.E, self.N, self.K, self.topk, M)
+        selection = pick(self.table, M, self.wanted, self.path)
+        if selection.source == DEFAULT_SOURCE:
+            _warn_once(f"novariant:{self.path}:{self.wanted}",
+                       f"{self.path} has no {self.wanted} configs; using the default heuristic for that variant")
+        return selection
+
+
 _selections: dict[tuple, Selection] = {}
+_sources: dict[tuple, _ShapeSource] = {}  # the _selections key without M
 _tables: dict[str, dict | TableError] = {}
 _warned: set[str] = set()
 
@@ -100,6 +124,7 @@ def clear_cache() -> None:
     PACKAGED_DIR or a table file in a running process.
     """
     _selections.clear()
+    _sources.clear()
     _tables.clear()
     _warned.clear()
 
@@ -127,7 +152,14 @@ def get_config(
     key = (E, N, K, topk, dtype, M, variant, device, deterministic, strict)
     selection = _selections.get(key)
     if selection is None:
-        selection = _select(E, N, K, topk, dtype, M, variant, device, deterministic, strict)
+        # A new M of a known shape reads no environment, device or folder again: only the pick.
+        tokens = _whole_number("M", M, 0)
+        shape_key = key[:5] + key[6:]
+        source = _sources.get(shape_key)
+        if source is None:
+            source = _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict)
+            _sources[shape_key] = source
+        selection = source.select(tokens)
         _selections[key] = selection
     return selection
 
@@ -255,9 +287,9 @@ def _whole_number(name: str, value: Any, smallest: int) -> int:
     return number
 
 
-def _select(E, N, K, topk, dtype, M, variant, device, deterministic, strict) -> Selection:
+def _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict) -> _ShapeSource:
     E, N, K = _whole_number("E", E, 1), _whole_number("N", N, 1), _whole_number("K", K, 1)
-    topk, M = _whole_number("topk", topk, 1), _whole_number("M", M, 0)
+    topk = _whole_number("topk", topk, 1)
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)} or None, got {variant!r}")
     dtype = dtype_name(dtype)
@@ -286,20 +318,14 @@ def _select(E, N, K, topk, dtype, M, variant, device, deterministic, strict) -> 
                 f"{table['device']['name']} (same compute capability)",
             )
         _warn_if_other_triton(table, candidate.path)
-        selection = pick(table, M, wanted, str(candidate.path))
-        if selection.source == DEFAULT_SOURCE:
-            _warn_once(
-                f"novariant:{candidate.path}:{wanted}",
-                f"{candidate.path} has no {wanted} configs; using the default heuristic for that variant",
-            )
-        return selection
+        return _ShapeSource(E, N, K, topk, table, str(candidate.path), wanted)
 
     _warn_once(
         f"default:{target.key}:{file_name}",
         f"no tuned table for {shape} on {target.name}; using the default heuristic. "
         f"Tune this shape with: {tune_command(target.name, E, N, K, topk, dtype)}",
     )
-    return default_selection(E, N, K, topk, M)
+    return _ShapeSource(E, N, K, topk, None, None, wanted)
 
 
 def pick(table: Mapping, M: int, variant: str | None, source: str) -> Selection:

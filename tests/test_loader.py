@@ -123,6 +123,20 @@ def test_get_config_uses_nearest_key(tmp_path, monkeypatch):
         assert (selection.batch_size, selection.gemm1["BLOCK_SIZE_N"]) == (key, key)
 
 
+def test_a_new_M_of_a_known_shape_looks_for_no_table_again(tmp_path, monkeypatch):
+    """Serving sees many M per shape: the folders are searched once per shape, not per M."""
+    put(tmp_path, make_table(batch_sizes={16: entry(config(n=16)), 32: entry(config(n=32))}))
+    use_env_dirs(monkeypatch, tmp_path)
+    searches = []
+    real = loader.candidate_files
+    monkeypatch.setattr(loader, "candidate_files", lambda *args: searches.append(args) or real(*args))
+    picked = [get_config(*SHAPE_ARGS, M, device=H200).batch_size for M in (1, 24, 25, 4096)]
+    assert picked == [16, 16, 32, 32]
+    assert len(searches) == 1
+    quiet_get_config(*SHAPE_ARGS[:-1], "fp16", 1, device=H200)  # another shape: a search of its own
+    assert len(searches) == 2
+
+
 # --- family fallback and default warnings ------------------------------------------------
 
 def test_family_fallback_warns_once_naming_the_file(tmp_path, monkeypatch):
