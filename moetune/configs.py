@@ -9,10 +9,25 @@ HOPPER_SHARED_MEMORY_BYTES = 232448
 
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 BLOCK_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
+# Smallest tile a Triton dot accepts along each axis.
+MIN_BLOCK_SIZE = 16
 
 
 def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """Why `value` cannot be a config's `key` ("must be ..., got ..."), or None if it can."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an int, got {value!r}"
+    if value <= 0:
+        return f"must be positive, got {value}"
+    if key in BLOCK_KEYS and (value < MIN_BLOCK_SIZE or not _is_power_of_two(value)):
+        return f"must be a power of two >= {MIN_BLOCK_SIZE}, got {value}"
+    if key == "num_warps" and not _is_power_of_two(value):
+        return f"must be a power of two, got {value}"
+    return None
 
 
 def check_config(config: Any, what: str = "config") -> dict[str, int]:
@@ -29,14 +44,10 @@ def check_config(config: Any, what: str = "config") -> dict[str, int]:
     clean: dict[str, int] = {}
     for key in CONFIG_KEYS:
         value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{what}[{key!r}] must be an int, got {value!r}")
-        if value <= 0:
-            raise ValueError(f"{what}[{key!r}] must be positive, got {value}")
-        if key in BLOCK_KEYS and (value < 16 or not _is_power_of_two(value)):
-            raise ValueError(f"{what}[{key!r}] must be a power of two >= 16, got {value}")
-        if key == "num_warps" and not _is_power_of_two(value):
-            raise ValueError(f"{what}[{key!r}] must be a power of two, got {value}")
+        problem = value_problem(key, value)
+        if problem is not None:
+            error = TypeError if isinstance(value, bool) or not isinstance(value, int) else ValueError
+            raise error(f"{what}[{key!r}] {problem}")
         clean[key] = value
     return clean
 

@@ -16,9 +16,9 @@ from .configs import check_config
 from .device import interpreter_enabled
 from .kernels import align_tokens, grouped_gemm, select_experts, silu_and_mul, topk_sum
 from .loader import get_config
+from .tables import TORCH_DTYPES, VARIANTS
 
-VARIANTS = ("unfused", "fused")
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = tuple(TORCH_DTYPES.values())
 ACCUMULATIONS = (None, "fp32")
 
 
@@ -124,7 +124,7 @@ def fused_experts(
         raise TypeError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
     _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out)
     m, k = hidden_states.shape
-    num_experts, two_n, _ = w1.shape
+    num_experts = w1.shape[0]
     topk = topk_ids.shape[1]
     if out is None:
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)

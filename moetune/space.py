@@ -12,15 +12,13 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .configs import BLOCK_KEYS, CONFIG_KEYS, shared_memory_estimate
+from .configs import CONFIG_KEYS, shared_memory_estimate, value_problem
 from .errors import UsageError
 
 DEFAULT_SPACE_FILE = "space.yaml"
 ROLES = ("gemm1", "gemm2")
 DTYPE_BYTES = (1, 2, 4)  # fp8, bf16/fp16, fp32
 
-# Smallest tile a Triton dot accepts along each axis.
-MIN_BLOCK_SIZE = 16
 # A BLOCK_SIZE_M of 16 is the smallest MMA row count, so it is never padding-bound.
 ALWAYS_ALLOWED_BLOCK_M = 16
 # Experts get uneven shares of tokens; allow blocks up to this multiple of the mean rows.
@@ -42,10 +40,6 @@ PRUNED_GROUP = "group_size_duplicate"
 KEPT = "kept"
 SUMMARY_KEYS = (PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_REGISTERS, PRUNED_GROUP,
                 KEPT)
-
-
-def _is_power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
 
 
 def next_pow2(value: int) -> int:
@@ -80,14 +74,9 @@ def _check_choices(key: str, raw: Any, source: str) -> tuple[int, ...]:
     if not raw:
         raise UsageError(f"{where}: must list at least one value")
     for value in raw:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{where}: values must be integers, got {value!r}")
-        if value <= 0:
-            raise UsageError(f"{where}: values must be positive, got {value}")
-        if key in BLOCK_KEYS and (value < MIN_BLOCK_SIZE or not _is_power_of_two(value)):
-            raise UsageError(f"{where}: values must be powers of two >= {MIN_BLOCK_SIZE}, got {value}")
-        if key == "num_warps" and not _is_power_of_two(value):
-            raise UsageError(f"{where}: values must be powers of two, got {value}")
+        problem = value_problem(key, value)
+        if problem is not None:
+            raise UsageError(f"{where}: each value {problem}")
     return tuple(raw)
 
 

@@ -8,7 +8,7 @@ all processes judge a silent trial stale after the same grace period.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .configs import CONFIG_KEYS
 from .device import DeviceInfo
@@ -26,9 +26,7 @@ WORKER_ATTR = "worker"
 
 @dataclass
 class RoleResult:
-    config: dict
-    time_us: float
-    ranked: list[tuple[float, dict]] = field(default_factory=list)  # best first
+    ranked: list[tuple[float, dict]]  # (µs, config) of the measured configs, best first, each once
 
 
 def study_suffix(shape: MoEShape, dtype: str, role: str, M: int) -> str:
@@ -164,7 +162,7 @@ def study_result(study) -> RoleResult | None:
         if params_key(config) not in keys:
             keys.add(params_key(config))
             unique.append((value, config))
-    return RoleResult(unique[0][1], unique[0][0], unique)
+    return RoleResult(unique)
 
 
 def rejection_reasons(study) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .configs import check_config
+from .configs import CONFIG_KEYS, check_config, value_problem
 from .device import CPU_KEY, DeviceInfo, device_key
 from .errors import TableError
 
@@ -39,7 +39,6 @@ _TABLE_FILE_NAME = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),K=(?P<K>\d+),topk=(?P<topk>\d+),dtype=(?P<dtype>\w+)\.json$"
 )
 # check_config names a bad key as "[<key>!r] <problem>" after its `what` prefix.
-_CONFIG_KEY_PROBLEM = re.compile(r"^\['(?P<key>\w+)'\]:? (?P<problem>.*)$", re.DOTALL)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -148,14 +147,15 @@ class _Checker:
         return float(value)
 
     def config(self, value: Any, path: str) -> dict[str, int]:
+        if isinstance(value, Mapping):  # a bad value is named by its key path
+            for key in CONFIG_KEYS:
+                problem = value_problem(key, value[key]) if key in value else None
+                if problem is not None:
+                    raise self.fail(f"{path}.{key}", problem)
         try:
             return check_config(value, what="")
-        except (TypeError, ValueError) as error:
-            message = str(error).strip()
-            match = _CONFIG_KEY_PROBLEM.match(message)
-            if match:
-                raise self.fail(f"{path}.{match['key']}", match["problem"]) from None
-            raise self.fail(path, message) from None
+        except (TypeError, ValueError) as error:  # not a mapping, or keys missing
+            raise self.fail(path, str(error).strip()) from None
 
 
 def checked_config(config: Any, source: str, path: str, kind: str = "table") -> dict[str, int]:

@@ -652,7 +652,7 @@ def _note_interpreter(settings: TuneSettings, log: Callable[[str], None]) -> Non
         log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
 
 
-def _log_device_use(settings: TuneSettings, clock: Clock, log: Callable[[str], None]) -> None:
+def _log_device_use(clock: Clock, log: Callable[[str], None]) -> None:
     log(f"device busy {100 * clock.busy_fraction():.0f}% of "
         f"{time.monotonic() - clock.start:.0f} s wall time "
         f"(checking and timing; the rest is compiling, sampling and bookkeeping)")
@@ -672,7 +672,7 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
         written = run.execute()
     finally:
         run.close()
-    _log_device_use(settings, run.clock, log)
+    _log_device_use(run.clock, log)
     if not write_tables:
         log(f"{run.evaluated} trials evaluated here; "
             f"no table written here (the tables come from the writing process or `moetune collect`)")

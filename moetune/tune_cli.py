@@ -18,9 +18,8 @@ from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .space import load_space
 from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
+from .tables import VARIANTS
 from .workers import device_of, parse_devices
-
-VARIANTS = ("unfused", "fused")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
