@@ -141,10 +141,7 @@ def build_settings(args: argparse.Namespace) -> CompareSettings:
     shapes, batch_sizes = shapes_and_batch_sizes(args)
     device = resolve_gpu(args.gpu, local_device())
     out_dir = Path(args.out)
-    try:
-        check_out_dir(out_dir)
-    except UsageError as error:  # the shared check names `run`'s flag
-        raise UsageError(str(error).replace("--out-dir", "--out", 1)) from None
+    check_out_dir(out_dir, flag="--out")
     baseline_dir = baseline_folder(args.baseline_configs)
     dtype = resolve_dtype(args.dtype, device, atomics=True)  # the fused contender always runs
     rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
@@ -200,13 +197,12 @@ def main(args: argparse.Namespace) -> int:
 
 def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
     """Look up every contender's configs now, so that a bad table fails before anything runs."""
-    from .configs import default_config
-    from .loader import ConfigWarning, get_config, nearest_batch_size
+    from .loader import ConfigWarning, default_selection, get_config, nearest_batch_size
 
     baseline = None
     notes: list[str] = []
     if settings.baseline_dir is not None:
-        from .export import find_baseline, nearest
+        from .export import find_baseline
 
         baseline = find_baseline(settings.baseline_dir, shape.E, shape.N, settings.device.key, settings.dtype)
         if baseline is None:
@@ -224,16 +220,16 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
         warnings.simplefilter("always", ConfigWarning)
         for M in settings.batch_sizes:
             row = []
-            for name, variant in (("unfused", "unfused"), ("fused", "fused"), ("dispatcher", None)):
-                selection = lookup(M, variant)
+            named = [(name, variant, lookup(M, variant))
+                     for name, variant in (("unfused", "unfused"), ("fused", "fused"), ("dispatcher", None))]
+            named.append(("default", None, default_selection(shape.E, shape.N, shape.K, shape.topk, M)))
+            for name, variant, selection in named:
                 # The default heuristic's selection says "unfused"; a named contender runs its own variant.
                 row.append(Contender(name, selection.gemm1, selection.gemm2, variant or selection.variant,
                                      selection.source, selection.batch_size))
-            config = default_config(M, shape.E, shape.N, shape.K, shape.topk)
-            row.append(Contender("default", config, dict(config), "unfused", "default heuristic", None))
             if baseline is not None:
                 key1, key2 = nearest_batch_size(baseline.gemm1, M), nearest_batch_size(baseline.gemm2, M)
-                row.append(Contender("baseline", nearest(baseline.gemm1, M), nearest(baseline.gemm2, M), "unfused",
+                row.append(Contender("baseline", baseline.gemm1[key1], baseline.gemm2[key2], "unfused",
                                      " + ".join(baseline.sources), key1 if key1 == key2 else None))
             contenders[M] = row
     for warning in caught:

@@ -104,17 +104,18 @@ def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> s
     return dtype
 
 
-def check_out_dir(path: Path) -> None:
-    """Refuse an out-dir that cannot be written, before anything is written."""
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Refuse an output folder that cannot be written, before anything is written; the error
+    names the command's `flag`."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise UsageError(f"--out-dir {str(path)!r}: {str(probe)!r} is not a folder")
+        raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out-dir {str(path)!r} is not writable")
+        raise UsageError(f"{flag} {str(path)!r} is not writable")
 
 
 def check_storage(url: str) -> None:
