@@ -25,6 +25,10 @@ from .layer import align_for, run_aligned
 from .reference import TOLERANCE, moe_reference, relative_error
 
 ROLES = ("gemm1", "gemm2_unfused", "gemm2_fused")
+# Once this many configs of a role are measured, one slower than CUTOFF_FACTOR times the best
+# gets only its rough time: it cannot win, and a precise time of a slow config costs the most.
+CUTOFF_AFTER = 3
+CUTOFF_FACTOR = 2.0
 
 
 class RoleOperands(NamedTuple):
@@ -129,6 +133,16 @@ class BatchBench:
         if on_gpu():
             return adaptive_time_us(fn, cutoff_us=cutoff_us)
         return wall_time_us(fn, repeats=1), True
+
+    def check_and_time_role(self, role: str, config: dict, measured_us: list[float]) -> tuple[float, float | None, bool]:
+        """(relative error, µs or None when wrong, precise?) of `config` in `role`: checked
+        first, then timed with the cutoff that the role's `measured_us` so far allow."""
+        error = self.check_role(role, config)
+        if not error <= self.tolerance:
+            return error, None, False
+        cutoff = CUTOFF_FACTOR * min(measured_us) if len(measured_us) >= CUTOFF_AFTER else None
+        value, precise = self.time_role(role, config, cutoff)
+        return error, value, precise
 
     def check_role(self, role: str, config: dict) -> float:
         """Relative error of the whole layer with `config` in this role, defaults elsewhere."""

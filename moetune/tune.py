@@ -353,13 +353,10 @@ class RoleStudy:
                 return reject("compile_failed", f"{type(error).__name__}: {error}".splitlines()[0])
         start = time.monotonic()
         try:
-            error = self.bench.check_role(self.role, config)
-            if not error <= self.bench.tolerance:
+            measured = [v for v in self.seen.values() if v is not None]
+            error, value, precise = self.bench.check_and_time_role(self.role, config, measured)
+            if value is None:
                 return reject("wrong_result", f"relative error {error:.3e} > {self.bench.tolerance:.0e}")
-            best = [v for v in self.seen.values() if v is not None]
-            # Once a few configs are in, anything twice as slow as the best needs no precise time.
-            cutoff = 2.0 * min(best) if len(best) >= 3 else None
-            value, precise = self.bench.time_role(self.role, config, cutoff)
         except Exception as error:  # noqa: BLE001 - out of resources and launch errors prune the trial
             if torch.cuda.is_available():
                 torch.cuda.synchronize()

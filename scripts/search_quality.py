@@ -28,26 +28,24 @@ from moetune.bench_layer import BatchBench
 from moetune.device import local_device, torch_device
 from moetune.space import Problem, candidates, load_space
 from moetune.tables import TORCH_DTYPES, read_table, write_atomic
-from moetune.tune import Compiler
+from moetune.tune import COMPILE_TIMEOUT_S, Compiler
 
 ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
 
 
 def sweep(bench: BatchBench, role: str, configs: list[dict], compiler: Compiler) -> list[tuple]:
-    """(µs, config) of every config that compiles, runs and passes the check, fastest first."""
+    """(µs, config) of every config that compiles, runs, passes the check and gets a precise
+    time (the tuner's cutoff), fastest first."""
     futures = [compiler.submit(bench.compile_request(role, c["BLOCK_SIZE_M"]), c) for c in configs]
     measured = []
     for config, future in zip(configs, futures):
         try:
             if future is not None:
-                future.result(timeout=180)
-            if bench.check_role(role, config) > bench.tolerance:
-                continue
-            best = min(t for t, _ in measured) if measured else None
-            value, precise = bench.time_role(role, config, 2.0 * best if best else None)
+                future.result(timeout=COMPILE_TIMEOUT_S)
+            _, value, precise = bench.check_and_time_role(role, config, [t for t, _ in measured])
         except Exception:  # noqa: BLE001 - a config that fails to compile or launch is out
             continue
-        if precise:
+        if value is not None and precise:
             measured.append((value, config))
     return sorted(measured, key=lambda item: item[0])
 
@@ -92,8 +90,7 @@ def main() -> int:
                 variant, gemm = ROLE_CONFIG[role]
                 if variant not in entry:
                     continue
-                kind = "gemm1" if role == "gemm1" else "gemm2"
-                problem = Problem.for_role(kind, M, E, N, K, topk, w1.element_size())
+                problem = Problem.for_role(gemm, M, E, N, K, topk, w1.element_size())
                 configs = candidates(space, problem, device.shared_memory_bytes)
                 start = time.monotonic()
                 ranked = sweep(bench, role, configs, compiler)

@@ -15,3 +15,24 @@ def test_interleaved_times_takes_each_timing_once_per_round_in_turn():
     times = interleaved_times([timing("a", 1.0), timing("b", 2.0)], rounds=3)
     assert order == ["a", "b"] * 3  # round-robin: drift between rounds hits both alike
     assert times == [[1.0] * 3, [2.0] * 3]
+
+
+def test_a_role_is_timed_with_a_cutoff_once_three_configs_are_measured(monkeypatch):
+    """The tuner and the search-quality sweep share this rule: a config cut short cannot win."""
+    import torch
+
+    from moetune.bench import make_weights
+    from moetune.bench_layer import BatchBench
+
+    w1, w2 = make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0))
+    bench = BatchBench(w1, w2, 5, 2, seed=1)
+    cutoffs = []
+    monkeypatch.setattr(bench, "check_role", lambda role, config: 0.0)
+    monkeypatch.setattr(bench, "time_role", lambda role, config, cutoff: cutoffs.append(cutoff) or (1.0, True))
+    for measured in ([], [5.0, 3.0], [5.0, 3.0, 4.0]):
+        assert bench.check_and_time_role("gemm1", {}, measured) == (0.0, 1.0, True)
+    assert cutoffs == [None, None, 6.0]
+
+    monkeypatch.setattr(bench, "check_role", lambda role, config: 1.0)  # wrong: never timed
+    assert bench.check_and_time_role("gemm1", {}, [5.0, 3.0, 4.0]) == (1.0, None, False)
+    assert len(cutoffs) == 3
