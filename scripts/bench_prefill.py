@@ -93,30 +93,32 @@ def time_stack(forward: Callable[[], object]) -> Timing:
     """Milliseconds per forward: a CUDA graph of the whole stack if it captures, else eager."""
     import torch
 
-    from moetune.bench import warm_up
+    from moetune.bench import cuda_graph_time_us
 
-    warm_up(forward, 2)  # compile and allocate outside the capture
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-        run, method = graph.replay, "cuda graph"
+        ms = cuda_graph_time_us(forward, calls_per_graph=1, replays=TIMED_RUNS, warmup=1) / 1e3
+        method = "cuda graph"
     except RuntimeError as error:
         torch.cuda.synchronize()
         print(f"note: the stack did not capture in a CUDA graph ({str(error).splitlines()[0][:120]}); timing eager")
-        graph, run, method = None, forward, "eager"
-    run()
+        ms, method = eager_ms(forward), "eager"
+    torch.cuda.empty_cache()
+    return Timing(ms, method)
+
+
+def eager_ms(forward: Callable[[], object]) -> float:
+    """Median of TIMED_RUNS eager forwards, timed with CUDA events."""
+    import torch
+
+    forward()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_RUNS)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_RUNS)]
     for start, end in zip(starts, ends):
         start.record()
-        run()
+        forward()
         end.record()
     torch.cuda.synchronize()
-    ms = statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
-    del graph
-    torch.cuda.empty_cache()
-    return Timing(ms, method)
+    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
 
 
 def measure(shape, layers: list[Layer], lengths: list[int], dtype, dtype_name: str, seed: int) -> list[dict]:
