@@ -1,6 +1,7 @@
 """Test setup: kernels run in Triton's interpreter on the CPU, buffers start poisoned."""
 
 import os
+import secrets
 
 # Must be set before Triton kernels are defined (when moetune is first imported).
 os.environ["TRITON_INTERPRET"] = "1"
@@ -29,8 +30,11 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test: inputs differ between tests but a failure reproduces."""
-    return torch.Generator().manual_seed(torch.seed() % (2**31))
+    """A fresh generator per test: inputs differ between runs, and a failure reproduces from
+    the seed printed with it (pytest shows a failed test's output)."""
+    seed = secrets.randbits(31)  # torch.seed() would reseed the global generator too
+    print(f"rng seed {seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture
