@@ -150,10 +150,11 @@ def align_for(topk_ids: torch.Tensor, num_experts: int, gemm1: dict, gemm2: dict
 
 def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, *,
                 variant, routed_scaling_factor=None, out=None, accumulation=None, atomic_sem="relaxed"):
-    """The layer after alignment, on validated input: what the benchmarks time.
+    """The layer after alignment, on validated input.
 
-    Routing and alignment stay outside so that timings compare with other MoE kernels
-    timed the same way.
+    `moetune compare` times this alone, routing and alignment outside, so that its timings
+    compare with other MoE kernels timed that way. The tuner's pair choice times alignment
+    with it, since a pair whose GEMMs differ in BLOCK_SIZE_M pays for two alignments.
     """
     m, k = hidden_states.shape
     num_experts, two_n, _ = w1.shape
