@@ -500,6 +500,15 @@ def table_path_of(settings: TuneSettings, shape: MoEShape) -> Path:
     return table_path(settings.out_dir, settings.device.key, shape.E, shape.N, shape.K, shape.topk, settings.dtype)
 
 
+def write_batch(settings: TuneSettings, shape: MoEShape, M: int, bench: BatchBench, studies: dict[str, object],
+                clock: Clock) -> tuple[Path, dict]:
+    """Choose one batch size's pairs from its settled studies and merge it into its table."""
+    entry = batch_entry(bench, studies, settings, clock)
+    path = table_path_of(settings, shape)
+    write_entry(path, settings, shape, M, entry)
+    return path, entry
+
+
 def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, entry: dict) -> None:
     record = {v: {k: entry[v][k] for k in ("gemm1", "gemm2", "gemm1_us", "gemm2_us", "layer_us")}
               for v in settings.variants}
@@ -634,11 +643,8 @@ class TuningRun:
             return
         if not all((*batch, role) in settled for role in self.roles):
             return
-        runners = {role: self.studies[(*batch, role)] for role in self.roles}
-        bench = self.benches.get(shape, M)
-        entry = batch_entry(bench, {role: r.study for role, r in runners.items()}, self.settings, self.clock)
-        path = table_path_of(self.settings, shape)
-        write_entry(path, self.settings, shape, M, entry)
+        studies = {role: self.studies[(*batch, role)].study for role in self.roles}
+        path, entry = write_batch(self.settings, shape, M, self.benches.get(shape, M), studies, self.clock)
         self.written[batch] = entry
         if path not in self.paths:
             self.paths.append(path)
@@ -655,16 +661,21 @@ def _log_device_use(clock: Clock, log: Callable[[str], None]) -> None:
         f"(checking and timing; the rest is compiling, sampling and bookkeeping)")
 
 
-def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True) -> list[Path]:
-    """Tune every shape and batch size of `settings`; returns the tables written.
-
-    write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
+def _checked_storage(settings: TuneSettings):
+    """The run's storage, opened and checked against the other runs it holds."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_location(settings), settings.heartbeat_s)
     sharer(settings).check_storage(storage, run_suffixes(settings))
-    run = TuningRun(settings, storage, log, write_tables)
+    return storage
+
+
+def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True) -> list[Path]:
+    """Tune every shape and batch size of `settings`; returns the tables written.
+
+    write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
+    run = TuningRun(settings, _checked_storage(settings), log, write_tables)
     try:
         written = run.execute()
     finally:
@@ -681,13 +692,9 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
 def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_incomplete: bool = False) -> list[Path]:
     """Write the tables from studies that workers settled: the pair choice runs here, on
     this one device, so that every batch size's layer times compare."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_location(settings), settings.heartbeat_s)
+    storage = _checked_storage(settings)
     roles = roles_for(settings.variants)
     share = sharer(settings)
-    share.check_storage(storage, run_suffixes(settings))
     studies: dict[tuple, object] = {}
     for shape in settings.shapes:
         for M in sorted(settings.batch_sizes):
@@ -710,14 +717,12 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
     benches = Benches(settings)
     written = []
     for shape in settings.shapes:
-        path = table_path_of(settings, shape)
         rows = []
         for M in sorted(settings.batch_sizes):
-            entry = batch_entry(benches.get(shape, M), {role: studies[(_shape_key(shape), M, role)] for role in roles},
-                                settings, clock)
-            write_entry(path, settings, shape, M, entry)
+            batch = {role: studies[(_shape_key(shape), M, role)] for role in roles}
+            _, entry = write_batch(settings, shape, M, benches.get(shape, M), batch, clock)
             rows.append((M, entry))
-        written.append(path)
+        written.append(table_path_of(settings, shape))
         _print_summary(shape, rows, log)
     _note_interpreter(settings, log)
     return written
