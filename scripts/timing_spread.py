@@ -5,7 +5,7 @@ from run to run. This times the same layer, same inputs and config, over several
 alignments, once as aligned and once with each expert's slots sorted ascending, to see
 whether row order inside an expert explains run-to-run spread.
 
-    python scripts/timing_spread.py --table PATH [--m 1024,3072,4096,16384] [--reps 5]
+    python scripts/timing_spread.py --table PATH [--m 1024,3072,4096,16384] [--reps 5] [--out out]
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 from moetune.bench import cuda_graph_time_us, make_layer_inputs, make_weights
 from moetune.kernels.align import AlignedTokens
 from moetune.layer import align_for, run_aligned
-from moetune.tables import read_table
+from moetune.tables import TORCH_DTYPES, read_table, write_atomic
 
 
 def sort_within_experts(aligned: AlignedTokens, numel: int) -> AlignedTokens:
@@ -39,11 +40,12 @@ def main() -> int:
     parser.add_argument("--table", required=True)
     parser.add_argument("--m", default="1024,3072,4096,16384")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="out", help="folder for timing_spread.json")
     args = parser.parse_args()
     table = read_table(args.table)
     shape = table["shape"]
     E, N, K, topk = shape["E"], shape["N"], shape["K"], shape["topk"]
-    w1, w2 = make_weights(E, N, K, torch.bfloat16, "cuda", torch.Generator("cuda").manual_seed(0))
+    w1, w2 = make_weights(E, N, K, TORCH_DTYPES[shape["dtype"]], "cuda", torch.Generator("cuda").manual_seed(0))
     results = []
     for M in map(int, args.m.split(",")):
         inputs = make_layer_inputs(M, w1, w2, topk, seed=M)
@@ -65,7 +67,7 @@ def main() -> int:
                 results.append(row)
                 print(f"M={M:<6d} {variant:8s} {order:8s} min {min(times):8.1f} median "
                       f"{statistics.median(times):8.1f} max {max(times):8.1f}", flush=True)
-    json.dump(results, open("timing_spread.json", "w"), indent=1)
+    write_atomic(Path(args.out) / "timing_spread.json", json.dumps(results, indent=1))
     return 0
 
 
