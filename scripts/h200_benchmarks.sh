@@ -18,7 +18,7 @@
 #   scale          on a host with two GPUs: the Qwen3 tune on GPU 0 alone, then on both, each
 #                  with an empty Triton cache of its own; both wall times (docs/tuning.md)
 set -euo pipefail
-step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | tune-2gpu | scale}
+step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | sweep | tune-2gpu | scale}
 out=${2:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
