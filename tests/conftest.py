@@ -9,6 +9,29 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+
+def _round_bf16_to_nearest_even() -> None:
+    """Triton's interpreter turns fp32 into bf16 by dropping the low mantissa bits (round
+    toward zero), where the GPU rounds to nearest even. Over the layer's four bf16 roundings
+    that bias shrank the outputs by about 1.4% on average, and now and then past the 2e-2
+    bf16 tolerance. Cast with torch instead, which rounds as the GPU does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return truncating(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+_round_bf16_to_nearest_even()
 _real_empty = torch.empty
 
 
