@@ -1,7 +1,8 @@
-"""Cost of a cached loader.get_config call: the price the layer pays per forward.
+"""Cost of loader.get_config: the price the layer pays per forward.
 
-Prints the median over repeats of the per-call time, in microseconds, for a table hit and
-for the default heuristic. Runs anywhere (no GPU needed): the table is a temporary one.
+Prints the median over repeats of the per-call time, in microseconds, for a cached table hit,
+the cached default heuristic, and a batch size the process has not seen yet (a known shape:
+serving meets many M). Runs anywhere (no GPU needed): the table is a temporary one.
 
     python scripts/bench_loader.py [--calls 200000] [--repeats 7]
 """
@@ -56,6 +57,13 @@ def main() -> None:
         print(f"device {device.name}; {args.calls} calls x {args.repeats} repeats, median per call")
         print(f"cached get_config, table hit:         {per_call_us(table_hit, args.calls, args.repeats):.3f} us")
         print(f"cached get_config, default heuristic: {per_call_us(default_hit, args.calls, args.repeats):.3f} us")
+        new_ms = iter(range(1000, 10**9))
+
+        def new_m():
+            loader.get_config(128, 768, 2048, 8, "bf16", next(new_ms))
+
+        calls = max(1, args.calls // 10)
+        print(f"get_config, a new M of a known shape: {per_call_us(new_m, calls, args.repeats):.3f} us")
 
 
 if __name__ == "__main__":
