@@ -1,7 +1,7 @@
 """`moetune run --devices 0,1,...`: one tuning process per GPU, sharing the studies.
 
 Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, coordinated
-through the storage (see tune.py). The first listed GPU's process also chooses the pairs and
+through the storage (see tune.py), in a walk order of its own (walk.py). The first listed GPU's process also chooses the pairs and
 writes the tables, each batch size as soon as its studies settle, so the layer times in a
 table all come from one device and that timing overlaps the other GPUs' trials. The others
 run trials only. Should the writer fail, the parent writes the tables from the storage.
@@ -101,7 +101,7 @@ def run_workers(settings, devices: list[int], first_writes: bool = True, log: Ca
     processes = []
     for slot, index in enumerate(devices):
         label = f"gpu {index}" if settings.device.is_gpu else f"cpu worker {index}"
-        worker_settings = replace(settings, label=label, bar_position=slot)
+        worker_settings = replace(settings, label=label, bar_position=slot, walk_slot=slot, walk_count=len(devices))
         writes = first_writes and slot == 0
         process = context.Process(target=_work, args=(worker_settings, writes), name=f"moetune {label}")
         with _only_gpu(index if settings.device.is_gpu else None):

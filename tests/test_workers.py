@@ -95,6 +95,14 @@ def test_two_devices_share_the_studies_and_the_first_writes_the_table(tmp_path, 
     studies = studies_in(str(tmp_path / "cpu" / "moetune-studies.journal"))
     pids = check_shared_studies(studies, trials=3, workers=2)
     assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials; the parent none
+    # Each started at its own end of the batch sizes (walk.py): the writer at the largest.
+    first = {}
+    for name, trials in sorted(studies.items()):
+        for trial in trials:
+            device = trial.user_attrs["worker"]["device"]
+            if device not in first or trial.datetime_start < first[device][0]:
+                first[device] = (trial.datetime_start, name.rsplit("/M=", 1)[1])
+    assert {device: M for device, (_, M) in first.items()} == {"cpu worker 0": "8", "cpu worker 1": "1"}
     check_table(tmp_path / "cpu" / TABLE)
 
 
