@@ -1,6 +1,6 @@
 """The tuner: one Optuna study per (device, shape, dtype, role, batch size), then the layer.
 
-For each batch size, in ascending order:
+For each batch size, in ascending order when one process tunes:
   1. tune the roles (gemm1, gemm2_unfused, gemm2_fused) with multivariate TPE (steered to
      configs worth a trial, see sampler.py), warm-started with the neighbouring batch size's
      best, the default heuristic and a baseline table;
@@ -12,13 +12,14 @@ For each batch size, in ascending order:
 Finished trials live in the Optuna storage: rerunning the same command resumes.
 
 Several processes may share the studies (`run --devices`, `run --worker` on several hosts).
-Each walks the same list of studies and joins any that still has trials to give out: the
-trials other processes hold RUNNING count against the budget, so together they overshoot it
-by at most one trial per process asking at the same instant. After its walk a process waits
-until every study is settled, taking over the trials of a process that died (see
-study_storage). Only a process that writes tables runs step 2, as soon as all roles of a
-batch size are settled (under `--devices`, the first GPU's process); `--worker` processes
-write none, and `collect` writes the tables from the storage.
+Each visits every study, in an order of its own (walk.py), and joins any that still has
+trials to give out: the trials other processes hold RUNNING count against the budget, so
+together they overshoot it by at most one trial per process asking at the same instant.
+After its walk a process waits until every study is settled, taking over the trials of a
+process that died (see study_storage). Only a process that writes tables runs step 2, as
+soon as all roles of a batch size are settled, whichever process tuned them (under
+`--devices`, the first GPU's process, between batch sizes of its own walk); `--worker`
+processes write none, and `collect` writes the tables from the storage.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import socket
 import statistics
 import time
 import zlib
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,7 @@ from .studies import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, pa
 from .study_storage import (DEFAULT_HEARTBEAT_S, TrialHeartbeat, ask, default_journal, fail_stale_trials,
                             open_storage)
 from .tables import TORCH_DTYPES, merge_tables, new_table, read_table, table_path, write_table
+from .walk import walk_order
 
 COMPILE_TIMEOUT_S = 180.0
 MIN_TRIALS_PAST_DEADLINE = 4
@@ -82,6 +84,9 @@ class TuneSettings:
     sampler_salt: int = 0
     label: str = ""  # names this process in its log lines when several run at once
     bar_position: int | None = None
+    # This process's place among the processes of one host sharing the studies (walk.py).
+    walk_slot: int = 0
+    walk_count: int = 1
 
 
 def storage_location(settings: TuneSettings) -> str:
@@ -117,8 +122,28 @@ def _compile_job(request: CompileRequest, config: dict) -> float:
     return time.perf_counter() - start
 
 
+def _start_compile_process() -> None:
+    """Each compile process's first step: the imports and Triton's driver set-up (the GPU's
+    context, the compiled driver helpers) that its first compile would otherwise wait for."""
+    try:
+        import moetune.kernels  # noqa: F401 - torch and Triton
+        from triton.runtime import driver
+
+        driver.active.get_current_target()
+        driver.active.get_current_stream()
+    except Exception:  # noqa: BLE001 - a compile that then fails reports it, with its candidate
+        pass
+
+
+def _started() -> None:
+    """A no-op job: one per process makes the pool start them all at once."""
+
+
 class Compiler:
-    """Compiles candidates in worker processes while the GPU times others; inline without workers."""
+    """Compiles candidates in worker processes while the GPU times others; inline without workers.
+
+    The processes start, import torch and set up Triton at once, while the tuner opens its
+    studies and builds its first inputs, so the first compiles do not pay for it."""
 
     def __init__(self, workers: int):
         self.pool = None
@@ -127,7 +152,10 @@ class Compiler:
         if workers > 0:
             import multiprocessing
 
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_start_compile_process)
+            for _ in range(workers):  # the pool starts a process per job waiting, up to its size
+                self.pool.submit(_started)
 
     def submit(self, request: CompileRequest, config: dict) -> Future | None:
         if self.pool is None:
@@ -154,7 +182,8 @@ class RoleStudy:
     def __init__(self, study, role: str, shape: MoEShape, M: int, settings: TuneSettings,
                  bench: Callable[[], BatchBench], compiler: Compiler, clock: "Clock", heartbeat: TrialHeartbeat,
                  on_progress: Callable[[int], None] = lambda counted: None):
-        self.study, self.role, self.M, self.settings = study, role, M, settings
+        self.study, self.role, self.shape, self.M, self.settings = study, role, shape, M, settings
+        self.created = False  # whether this process created the study (and queued its warm starts)
         self.make_bench, self.compiler, self.clock = bench, compiler, clock
         self.heartbeat, self.on_progress = heartbeat, on_progress
         kind = "gemm1" if role == "gemm1" else "gemm2"
@@ -168,6 +197,9 @@ class RoleStudy:
         # space so small that the sampler proposes only configs already tried or pruned.
         self.stopped_short: str | None = None
         self.attempts = 0  # asks since this process last had reason to hope for new configs
+        self.pending: list = []  # (trial, config, compile future) asked here, not yet evaluated
+        self.deadline = math.inf  # when this process stops asking for more than a few trials
+        self.visited_at: float | None = None  # when this process's walk opened it
         self.gave_up_at = 0  # trials counted when it stopped for want of new configs
 
     @property
@@ -238,77 +270,105 @@ class RoleStudy:
         self.on_progress(state.counted)
         return state
 
-    def run(self, deadline: float) -> int:
+    def run(self, deadline: float, look_ahead: Callable[[int], None] | None = None) -> int:
         """Ask and evaluate while the study has budget no process holds; returns the trials
-        evaluated here."""
-        target = self.settings.trials
-        # Past the deadline a study still measures a few configs (the warm starts come
-        # first), so every batch size gets a checked winner.
-        floor = min(target, MIN_TRIALS_PAST_DEADLINE)
+        evaluated here. Once this study has given out its budget, `look_ahead(free)` may
+        use the `free` compile slots it no longer needs for the next study's first trials,
+        so that they compile while this study's last ones finish."""
+        self.deadline = deadline
         evaluated = 0
-        pending: list = []  # (trial, config, future) compiled ahead
         current = None  # the trial being evaluated
-        batch = self.compiler.capacity
         try:
             while True:
-                self.heartbeat.catch_up()
-                fail_stale_trials(self.study)
-                state = self._survey()
-                if self.stopped_short == "no new configs" and state.counted > self.gave_up_at:
-                    self.stopped_short, self.attempts = None, 0  # the sampler has learnt more since
-                done = state.counted + state.in_flight
-                while len(pending) < batch and done < target:
-                    if time.monotonic() >= deadline and done >= floor:
-                        self.stopped_short = "time budget"
-                        break
-                    if self.attempts >= 20 * target + 50 and not state.waiting:
-                        self.stopped_short, self.gave_up_at = "no new configs", state.counted
-                        break
-                    self.attempts += 1
-                    trial = self._ask()
-                    config = config_of(trial.params)
-                    key = params_key(config)
-                    reason = prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
-                                          self.settings.space)
-                    if reason is not None:
-                        trial.set_user_attr("status", "rule_pruned")
-                        trial.set_user_attr("reason", reason)
-                        self._tell(trial, state="PRUNED")
-                        continue
-                    # Look again: other processes may have taken trials since the last look.
-                    state = self._survey()
-                    others = {k for number, k in state.held.items() if number != trial.number}
-                    if key in self.seen or key in others or any(params_key(c) == key for _, c, _ in pending):
-                        trial.set_user_attr("status", "duplicate")
-                        value = self.seen.get(key)
-                        if value is None:
-                            self._tell(trial, state="PRUNED")
-                        else:
-                            self._tell(trial, value)
-                        continue
-                    # The trials held longest go first: of two processes asking at once, the later yields.
-                    ahead = sum(1 for number in state.held if number < trial.number)
-                    if state.counted + ahead >= target:
-                        trial.set_user_attr("status", "surplus")
-                        self._tell(trial, state="FAIL")
-                        break
-                    request = self.bench.compile_request(self.role, config["BLOCK_SIZE_M"])
-                    future = self.compiler.submit(request, config)
-                    pending.append((trial, config, future))
-                    done = state.counted + state.in_flight
-                if not pending:
+                asking = self.fill(self.compiler.capacity)
+                if not asking and look_ahead is not None and len(self.pending) < self.compiler.capacity:
+                    look_ahead(self.compiler.capacity - len(self.pending))
+                if not self.pending:
                     return evaluated
-                current, config, future = pending.pop(0)
+                current, config, future = self.pending.pop(self._next_ready())
                 self._evaluate(current, config, future)
                 current = None
                 evaluated += 1
         finally:
-            # Interrupted: end what was asked and not told, so no other process waits for it.
-            for trial in [t for t, _, _ in pending] + ([current] if current is not None else []):
-                try:
-                    self._tell(trial, state="FAIL")
-                except Exception:  # noqa: BLE001 - the storage may be what failed; heartbeats then expire
-                    pass
+            # Returned, nothing is pending; interrupted, end what was asked and not told.
+            if current is not None:
+                self.pending.append((current, None, None))
+            self.abandon()
+
+    def fill(self, capacity: int) -> bool:
+        """Ask new trials until `capacity` are pending here or the study has nothing more to
+        give out; returns whether it may still give out more later."""
+        target = self.settings.trials
+        # Past the deadline a study still measures a few configs (the warm starts come
+        # first), so every batch size gets a checked winner.
+        floor = min(target, MIN_TRIALS_PAST_DEADLINE)
+        self.heartbeat.catch_up()
+        fail_stale_trials(self.study)
+        state = self._survey()
+        if self.stopped_short == "no new configs" and state.counted > self.gave_up_at:
+            self.stopped_short, self.attempts = None, 0  # the sampler has learnt more since
+        done = state.counted + state.in_flight
+        while len(self.pending) < capacity and done < target:
+            if time.monotonic() >= self.deadline and done >= floor:
+                self.stopped_short = "time budget"
+                return False
+            if self.attempts >= 20 * target + 50 and not state.waiting:
+                self.stopped_short, self.gave_up_at = "no new configs", state.counted
+                return False
+            self.attempts += 1
+            trial = self._ask()
+            config = config_of(trial.params)
+            key = params_key(config)
+            reason = prune_reason(config, self.problem, self.settings.device.shared_memory_bytes,
+                                  self.settings.space)
+            if reason is not None:
+                trial.set_user_attr("status", "rule_pruned")
+                trial.set_user_attr("reason", reason)
+                self._tell(trial, state="PRUNED")
+                continue
+            # Look again: other processes may have taken trials since the last look.
+            state = self._survey()
+            others = {k for number, k in state.held.items() if number != trial.number}
+            if key in self.seen or key in others or any(params_key(c) == key for _, c, _ in self.pending):
+                trial.set_user_attr("status", "duplicate")
+                value = self.seen.get(key)
+                if value is None:
+                    self._tell(trial, state="PRUNED")
+                else:
+                    self._tell(trial, value)
+                continue
+            # The trials held longest go first: of two processes asking at once, the later yields.
+            ahead = sum(1 for number in state.held if number < trial.number)
+            if state.counted + ahead >= target:
+                trial.set_user_attr("status", "surplus")
+                self._tell(trial, state="FAIL")
+                return False
+            request = self.bench.compile_request(self.role, config["BLOCK_SIZE_M"])
+            future = self.compiler.submit(request, config)
+            self.pending.append((trial, config, future))
+            done = state.counted + state.in_flight
+        return done < target
+
+    def _next_ready(self) -> int:
+        """Index of the pending trial to evaluate next: the first whose compile has finished,
+        waiting for one if none has, so that one slow compile holds up no other trial."""
+        futures = [future for _, _, future in self.pending]
+        if any(future is None for future in futures):
+            return 0  # compiled inline, in order
+        for index, future in enumerate(futures):
+            if future.done():
+                return index
+        done, _ = wait(futures, timeout=COMPILE_TIMEOUT_S, return_when=FIRST_COMPLETED)
+        return futures.index(next(iter(done))) if done else 0
+
+    def abandon(self) -> None:
+        """End the trials asked here and not told, so that no other process waits for them."""
+        for trial, _, _ in self.pending:
+            try:
+                self._tell(trial, state="FAIL")
+            except Exception:  # noqa: BLE001 - the storage may be what failed; heartbeats then expire
+                pass
+        self.pending.clear()
 
     def _ask(self):
         trial = ask(self.study, self.distributions)
@@ -473,27 +533,35 @@ def _shape_key(shape: MoEShape) -> tuple:
 
 
 class Benches:
-    """The weights of one shape and the inputs of one batch size at a time, built on demand:
-    building a batch size computes its float64 reference."""
+    """The weights of one shape and the inputs of its last three batch sizes, built on demand:
+    building a batch size computes its float64 reference. Three: a study's last trials, the
+    next study's first (asked ahead) and, in the table writer, the layer choice of a batch
+    size another process tuned can take turns."""
+
+    KEEP = 3
 
     def __init__(self, settings: TuneSettings):
         self.settings = settings
         self.device = torch_device()
-        self.shape_key, self.weights, self.key, self.bench = None, None, None, None
+        self.shape_key, self.weights = None, None
+        self.benches: dict[int, BatchBench] = {}  # M -> inputs, least recently used first
 
     def get(self, shape: MoEShape, M: int) -> BatchBench:
-        if self.key != (_shape_key(shape), M):
-            self.bench = None  # free the previous batch size's buffers first
-            if self.shape_key != _shape_key(shape):
-                self.weights = None
-                generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
-                self.weights = make_weights(shape.E, shape.N, shape.K, TORCH_DTYPES[self.settings.dtype],
-                                            self.device, generator)
-                self.shape_key = _shape_key(shape)
+        if self.shape_key != _shape_key(shape):
+            self.benches.clear()
+            self.weights = None  # free the previous shape's first
+            generator = torch.Generator(device=self.device).manual_seed(self.settings.seed)
+            self.weights = make_weights(shape.E, shape.N, shape.K, TORCH_DTYPES[self.settings.dtype],
+                                        self.device, generator)
+            self.shape_key = _shape_key(shape)
+        bench = self.benches.pop(M, None)
+        if bench is None:
+            while len(self.benches) >= self.KEEP:
+                del self.benches[next(iter(self.benches))]  # free before allocating the next
             w1, w2 = self.weights
-            self.bench = BatchBench(w1, w2, M, shape.topk, seed=self.settings.seed * 7919 + M)
-            self.key = (_shape_key(shape), M)
-        return self.bench
+            bench = BatchBench(w1, w2, M, shape.topk, seed=self.settings.seed * 7919 + M)
+        self.benches[M] = bench
+        return bench
 
 
 def table_path_of(settings: TuneSettings, shape: MoEShape) -> Path:
@@ -523,7 +591,8 @@ def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, ent
 class TuningRun:
     """One process's share of a tuning run: walk the studies, wait for the others, write."""
 
-    def __init__(self, settings: TuneSettings, storage, log: Callable[[str], None], write_tables: bool):
+    def __init__(self, settings: TuneSettings, storage, log: Callable[[str], None], write_tables: bool,
+                 compiler: Compiler):
         from tqdm import tqdm
 
         self.settings, self.storage, self.log, self.write_tables = settings, storage, log, write_tables
@@ -531,12 +600,14 @@ class TuningRun:
         self.clock = Clock()
         budget = settings.time_budget_min
         self.deadline = self.clock.start + budget * 60 if budget else math.inf
-        self.compiler = Compiler(settings.compile_workers if settings.device.is_gpu else 0)
+        self.compiler = compiler
         self.heartbeat = TrialHeartbeat(storage)
         self.benches = Benches(settings)
         self.studies: dict[tuple, RoleStudy] = {}  # (shape key, M, role) -> study
         self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
         self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
+        self.best: dict[tuple, list[dict]] = {}  # (shape key, M, role) -> best configs found here
+        self.baselines: dict[tuple, object] = {}  # shape key -> baseline table configs
         self.paths: list[Path] = []
         self.evaluated = 0
         total = len(settings.shapes) * len(settings.batch_sizes) * len(self.roles) * settings.trials
@@ -558,41 +629,76 @@ class TuningRun:
                 _print_summary(shape, rows, self.log)
         return self.paths
 
-    # -- the walk: every process goes through the same studies in the same order
+    # -- the walk: every study, in this process's order (walk.py)
     def _walk(self) -> None:
-        visits = len(self.settings.shapes) * len(self.settings.batch_sizes) * len(self.roles)
-        for shape in self.settings.shapes:
-            baseline = _baseline_configs(self.settings, shape)
-            best_before: dict[str, list[dict]] = {}
-            visited: list[int] = []
-            for M in sorted(self.settings.batch_sizes):
-                for role in self.roles:
-                    self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
-                    warm = warm_starts(role, M, shape, best_before.get(role, []), baseline,
-                                       self.settings.device.shared_memory_bytes)
-                    runner = self._open(shape, M, role, warm)
-                    # The time left is shared evenly by the studies not visited yet.
-                    now = time.monotonic()
-                    self.evaluated += runner.run(now + (self.deadline - now) / max(visits, 1))
-                    visits -= 1
-                    result = runner.result()
-                    if result is not None:
-                        best_before[role] = [config for _, config in result.ranked[:3]]
-                visited.append(M)
-                if self.write_tables:
-                    # Earlier batch sizes whose last trials other processes held may be settled
-                    # by now: writing them here keeps their layer timing from piling up after
-                    # the walk.
-                    unwritten = [(_shape_key(shape), m, role) for m in visited
-                                 if (_shape_key(shape), m) not in self.written for role in self.roles]
-                    settled = {key for key in unwritten if self.studies[key].settled()}
-                    for earlier in visited:
-                        self._write_if_settled(shape, earlier, settled)
+        order = walk_order(self.settings.batch_sizes, self.settings.walk_slot, self.settings.walk_count)
+        visits = [(shape, M, role) for shape in self.settings.shapes for M in order for role in self.roles]
+        try:
+            for index, (shape, M, role) in enumerate(visits):
+                self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
+                runner = self._visit(shape, M, role, len(visits) - index)
+                following = visits[index + 1] if index + 1 < len(visits) else None
+
+                def look_ahead(free: int, following=following, left=len(visits) - index - 1) -> None:
+                    if following is not None:
+                        self._visit(*following, left).fill(free)  # its pending count among the free
+
+                self.evaluated += runner.run(runner.deadline, look_ahead)
+                result = runner.result()
+                if result is not None:
+                    self.best[(_shape_key(shape), M, role)] = [config for _, config in result.ranked[:3]]
+                if self.write_tables and role == self.roles[-1]:
+                    # Batch sizes that other processes settled meanwhile: writing them now keeps
+                    # their layer timing from piling up after the walk.
+                    self._write_settled(self._look_up(shape, m, r) for m in self.settings.batch_sizes
+                                        for r in self.roles)
+        finally:
+            for runner in self.studies.values():
+                runner.abandon()  # trials asked ahead for a study the walk did not reach
+
+    def _visit(self, shape: MoEShape, M: int, role: str, visits_left: int) -> RoleStudy:
+        """The study, opened on the first visit (warm starts queued, its share of the time
+        budget set): by the walk, or earlier to ask its first trials ahead."""
+        key = (_shape_key(shape), M, role)
+        runner = self.studies.get(key)
+        if runner is None or runner.visited_at is None:
+            warm = warm_starts(role, M, shape, self._neighbour_best(shape, M, role), self._baseline(shape),
+                               self.settings.device.shared_memory_bytes)
+            runner = self._open(shape, M, role, warm)
+            # The time left is shared evenly by the studies not visited yet.
+            now = time.monotonic()
+            runner.visited_at, runner.deadline = now, now + (self.deadline - now) / max(visits_left, 1)
+        return runner
+
+    def _baseline(self, shape: MoEShape):
+        if _shape_key(shape) not in self.baselines:
+            self.baselines[_shape_key(shape)] = _baseline_configs(self.settings, shape)
+        return self.baselines[_shape_key(shape)]
+
+    def _neighbour_best(self, shape: MoEShape, M: int, role: str) -> list[dict]:
+        """The best configs of the nearest batch size this process has tuned this role at."""
+        sizes = sorted(self.settings.batch_sizes)
+        tuned = [m for m in sizes if (_shape_key(shape), m, role) in self.best]
+        if not tuned:
+            return []
+        nearest = min(tuned, key=lambda m: (abs(sizes.index(m) - sizes.index(M)), m))
+        return self.best[(_shape_key(shape), nearest, role)]
 
     def _open(self, shape: MoEShape, M: int, role: str, warm: list[dict]) -> RoleStudy:
+        """The study, created with `warm` queued first if no process has created it yet."""
+        runner = self._look_up(shape, M, role, create=True)
+        if runner.created:
+            runner.enqueue(warm)
+        return runner
+
+    def _look_up(self, shape: MoEShape, M: int, role: str, create: bool = False) -> RoleStudy | None:
+        """This process's runner of the study; None when the study does not exist and
+        `create` is false."""
         import optuna
 
         key = (_shape_key(shape), M, role)
+        if key in self.studies:
+            return self.studies[key]
         seed = (self.settings.seed + M + self.settings.sampler_salt) % 2**32
         tpe = optuna.samplers.TPESampler(**TPE_OPTIONS, seed=seed)
         runner: RoleStudy | None = None  # the sampler asks it what is worth a trial
@@ -600,11 +706,16 @@ class TuningRun:
                                     fresh=lambda: runner.fresh_configs(),
                                     worth_trying=lambda params: runner.worth_trying(params), seed=seed)
         name = study_name(self.settings.device, shape, self.settings.dtype, role, M)
-        study, created = sharer(self.settings).open(self.storage, name, sampler)
+        share = sharer(self.settings)
+        if create:
+            study, created = share.open(self.storage, name, sampler)
+        else:
+            study, created = share.load(self.storage, name, sampler), False
+            if study is None:
+                return None
         runner = RoleStudy(study, role, shape, M, self.settings, lambda: self.benches.get(shape, M), self.compiler,
                            self.clock, self.heartbeat, lambda counted: self._progress(key, counted))
-        if created:
-            runner.enqueue(warm)
+        runner.created = created
         self.studies[key] = runner
         return runner
 
@@ -618,12 +729,7 @@ class TuningRun:
     def _wait_for_others(self) -> None:
         waited = False
         while True:
-            # One look at each study per poll; a batch size already written is done with.
-            settled = {key for key, runner in self.studies.items() if key[:2] in self.written or runner.settled()}
-            for shape in self.settings.shapes:
-                for M in sorted(self.settings.batch_sizes):
-                    self._write_if_settled(shape, M, settled)
-            unsettled = [runner for key, runner in self.studies.items() if key not in settled]
+            unsettled = self._write_settled(list(self.studies.values()))
             if not unsettled:
                 return
             if not waited:
@@ -636,13 +742,28 @@ class TuningRun:
             if not ran:
                 time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
 
-    def _write_if_settled(self, shape: MoEShape, M: int, settled: set[tuple]) -> None:
-        """Choose the batch size's pairs and write it, once all its roles are in `settled`."""
+    def _write_settled(self, runners) -> list[RoleStudy]:
+        """Look once at each of `runners` (None: a study nobody created yet) and, if this
+        process writes tables, write every batch size whose roles were all found settled;
+        returns the unsettled runners of batch sizes not written."""
+        settled, unsettled = set(), []
+        for runner in runners:
+            if runner is None or (_shape_key(runner.shape), runner.M) in self.written:
+                continue
+            if runner.settled():
+                settled.add((_shape_key(runner.shape), runner.M, runner.role))
+            else:
+                unsettled.append(runner)
+        if self.write_tables:
+            for shape in self.settings.shapes:
+                for M in sorted(self.settings.batch_sizes):
+                    if all((_shape_key(shape), M, role) in settled for role in self.roles):
+                        self._write(shape, M)
+        return unsettled
+
+    def _write(self, shape: MoEShape, M: int) -> None:
+        """Choose the batch size's pairs from its settled studies and write it."""
         batch = (_shape_key(shape), M)
-        if not self.write_tables or batch in self.written:
-            return
-        if not all((*batch, role) in settled for role in self.roles):
-            return
         studies = {role: self.studies[(*batch, role)].study for role in self.roles}
         path, entry = write_batch(self.settings, shape, M, self.benches.get(shape, M), studies, self.clock)
         self.written[batch] = entry
@@ -675,7 +796,14 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     """Tune every shape and batch size of `settings`; returns the tables written.
 
     write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
-    run = TuningRun(settings, _checked_storage(settings), log, write_tables)
+    # First, so that the compile processes start while the storage opens and the tuner sets up.
+    compiler = Compiler(settings.compile_workers if settings.device.is_gpu else 0)
+    try:
+        storage = _checked_storage(settings)
+    except BaseException:
+        compiler.close()
+        raise
+    run = TuningRun(settings, storage, log, write_tables, compiler)
     try:
         written = run.execute()
     finally:

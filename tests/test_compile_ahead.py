@@ -30,3 +30,64 @@ def test_compile_request_matches_the_launch(role, monkeypatch):
     _compile_job(bench.compile_request(role, CONFIG["BLOCK_SIZE_M"]), CONFIG)  # what a worker compiles
     assert len(seen) == 2
     assert seen[0] == seen[1]
+
+
+# -- the order of evaluation, and the next study's first trials -------------------------------
+
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import optuna  # noqa: E402
+
+from moetune import tune as tune_module  # noqa: E402
+from moetune.cli import build_parser  # noqa: E402
+from moetune.tune_cli import build_settings  # noqa: E402
+
+
+def test_a_slow_compile_holds_up_no_trial_compiled_after_it():
+    slow, fast = Future(), Future()
+    fast.set_result(0.1)
+    runner = SimpleNamespace(pending=[("slow", {}, slow), ("fast", {}, fast)])
+    assert tune_module.RoleStudy._next_ready(runner) == 1
+    slow.set_result(2.0)
+    runner.pending.pop(1)
+    assert tune_module.RoleStudy._next_ready(runner) == 0
+    # Compiled inline (no compile workers): in the order asked.
+    assert tune_module.RoleStudy._next_ready(SimpleNamespace(pending=[("a", {}, None), ("b", {}, None)])) == 0
+
+
+class ThreadCompiler(tune_module.Compiler):
+    """Compile slots without processes: the interpreter compiles when it launches."""
+
+    def __init__(self, workers: int):
+        super().__init__(0)
+        self.capacity = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+
+    def submit(self, request, config):
+        return self.pool.submit(lambda: 0.0)
+
+
+def test_the_next_study_asks_its_first_trials_while_this_one_finishes(tmp_path, monkeypatch):
+    args = build_parser().parse_args(["run", "--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32",
+                                      "--trials", "6", "--batch-sizes", "8", "--variants", "unfused",
+                                      "--no-progress", "--compile-workers", "0", "--out-dir", str(tmp_path)])
+    settings, _ = build_settings(args)
+    settings = replace(settings, compile_workers=4)
+    monkeypatch.setattr(tune_module, "Compiler", lambda workers: ThreadCompiler(workers or 4))
+    assert tune_module.tune(settings, log=lambda line: None)
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "cpu" / "moetune-studies.journal")))
+    trials = {}
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        role = summary.study_name.split("/")[-2]
+        trials[role] = [t for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials
+                        if t.user_attrs.get("status") == "measured"]
+    assert len(trials["gemm1"]) == len(trials["gemm2_unfused"]) == 6
+    last_of_first = max(t.datetime_complete for t in trials["gemm1"])
+    asked_ahead = [t for t in trials["gemm2_unfused"] if t.datetime_start < last_of_first]
+    # 6 trials in 4 slots: as gemm1's last 4 finish, gemm2 takes the slots they free (up to 3).
+    assert asked_ahead, "the second study asked nothing before the first had finished"
+    assert len(asked_ahead) <= 3
