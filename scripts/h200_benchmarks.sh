@@ -16,7 +16,8 @@
 #                  the GPUs in $GPUS (default 0,1,2,3), several per GPU running one after another
 #   tune-2gpu      the Qwen3 tune on two GPUs (--devices 0,1), wall time (docs/tuning.md)
 #   scale          on a host with two GPUs: the Qwen3 tune on GPU 0 alone, then on both, each
-#                  with an empty Triton cache of its own; both wall times (docs/tuning.md)
+#                  with an empty Triton cache of its own; both wall times, and each run's
+#                  timeline from its journal (scripts/run_timeline.py; docs/tuning.md)
 set -euo pipefail
 step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | sweep | tune-2gpu | scale}
 out=${2:-out}
@@ -75,7 +76,10 @@ case "$step" in
       TRITON_CACHE_DIR="$root/triton_cache_$name" timed moetune run --gpu H200 --model Qwen3-30B-A3B \
           --baseline-configs "$baseline" --devices "$devices" --out-dir "$out/scale_$name" --no-progress \
           2>&1 | tee "$out/scale_$name.log"
+      python3 scripts/run_timeline.py "$out/scale_$name/NVIDIA_H200/moetune-studies.journal" \
+          > "$out/timeline_$name.log" 2>&1 || true
     done
+    cat "$out"/timeline_*.log
     grep -H "^wall" "$out"/scale_*.log ;;
   *)
     echo "unknown step: $step" >&2; exit 2 ;;
