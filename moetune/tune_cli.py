@@ -202,6 +202,19 @@ def use_gpu(settings, index: int | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .workers import ForkedWorkers
+
+    # Several GPUs: start their workers before this process touches one (see ForkedWorkers).
+    count = len(parse_devices(args.devices)) if args.devices is not None else 1
+    forked = ForkedWorkers(count) if count > 1 and ForkedWorkers.possible() else None
+    try:
+        return _run(args, forked)
+    finally:
+        if forked is not None:
+            forked.release()
+
+
+def _run(args: argparse.Namespace, forked) -> int:
     settings, devices = build_settings(args)
     from .tune import tune
 
@@ -219,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
     if devices is not None and len(devices) > 1:
         from .workers import run_workers
 
-        if run_workers(settings, devices, first_writes=not args.worker) or args.worker:
+        if run_workers(settings, devices, first_writes=not args.worker, forked=forked) or args.worker:
             return 0  # the first worker wrote the tables and said so
         print("the first worker did not finish: writing the tables from the studies here")
         # The pairs are timed on one GPU only, so that all layer times in a table compare.

@@ -1,10 +1,14 @@
 """`moetune run --devices 0,1,...`: one tuning process per GPU, sharing the studies.
 
 Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, coordinated
-through the storage (see tune.py), in a walk order of its own (walk.py). The first listed GPU's process also chooses the pairs and
-writes the tables, each batch size as soon as its studies settle, so the layer times in a
-table all come from one device and that timing overlaps the other GPUs' trials. The others
-run trials only. Should the writer fail, the parent writes the tables from the storage.
+through the storage (see tune.py), in a walk order of its own (walk.py). The first listed
+GPU's process also chooses the pairs and writes the tables, each batch size as soon as its
+studies settle, so the layer times in a table all come from one device and that timing
+overlaps the other GPUs' trials. The others run trials only. Should the writer fail, the
+parent writes the tables from the storage.
+
+The workers are forked before the parent touches a GPU (ForkedWorkers), so they start with
+its imports done; where forking is not possible they are spawned.
 
 Without a GPU the devices are labels only: each is one more process running kernels in
 Triton's interpreter, which lets the CPU tests go through the same code.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
@@ -93,35 +98,117 @@ def _work(settings, write_tables: bool) -> None:
         sys.exit(130)
 
 
-def run_workers(settings, devices: list[int], first_writes: bool = True, log: Callable[[str], None] = print) -> bool:
+# -- workers forked early: they start with this process's imports done ---------------------------
+
+def _visible_device(index: int) -> str:
+    """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process sees."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return before.split(",")[index].strip() if before is not None else str(index)
+
+
+def _wait_for_work(connection) -> None:
+    """A forked worker: wait for its settings (None: the run was refused), then tune."""
+    # OpenMP's threads do not survive a fork: a parallel CPU op would wait for them forever
+    # if the parent ran one before forking. The tuner's CPU ops are small; one thread it is.
+    torch.set_num_threads(1)
+    try:
+        job = connection.recv()
+    except (EOFError, KeyboardInterrupt):
+        sys.exit(130)  # the parent went away or the terminal interrupted the run
+    finally:
+        connection.close()
+    if job is None:
+        return
+    settings, write_tables, visible = job
+    if visible is not None:  # before anything here touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    _work(settings, write_tables)
+
+
+class ForkedWorkers:
+    """Worker processes forked before this process touches a GPU, waiting for their settings.
+
+    A spawned worker starts a new interpreter and imports torch, Triton and Optuna again,
+    seconds that a run on several GPUs pays and a run on one does not. A forked one has
+    them already; CUDA only forbids forking a process that has initialized it, so the
+    parent forks first and checks its GPUs after.
+    """
+
+    def __init__(self, count: int):
+        sys.stdout.flush()  # or the children would print what the parent had buffered
+        sys.stderr.flush()
+        context = multiprocessing.get_context("fork")
+        self.workers = []
+        for _ in range(count):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_wait_for_work, args=(receiver,), name="moetune worker")
+            process.start()
+            receiver.close()
+            self.workers.append((process, sender))
+
+    @staticmethod
+    def possible() -> bool:
+        """Whether forking is safe here: CUDA untouched, and no other thread that might hold
+        a lock the children would inherit locked."""
+        return ("fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+                and threading.active_count() == 1)
+
+    def start(self, jobs: list) -> list[multiprocessing.Process]:
+        """Give each worker its (settings, write_tables, CUDA_VISIBLE_DEVICES)."""
+        for (_, sender), job in zip(self.workers, jobs):
+            sender.send(job)
+        return [process for process, _ in self.workers]
+
+    def release(self) -> None:
+        """Tell workers given no job to exit, and wait for them."""
+        for process, sender in self.workers:
+            try:
+                sender.send(None)
+            except OSError:
+                pass  # it has its job, or is gone
+            sender.close()
+        for process, _ in self.workers:
+            process.join()
+
+
+def run_workers(settings, devices: list[int], first_writes: bool = True, log: Callable[[str], None] = print,
+                forked: ForkedWorkers | None = None) -> bool:
     """Run one worker per device and wait for all; with `first_writes` the first device's
-    worker writes the tables. Returns whether that writer finished. Raises when no worker
-    finished: the studies a failed worker held are finished by the others."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    processes = []
+    worker writes the tables. `forked`: workers already started, one per device. Returns
+    whether that writer finished. Raises when no worker finished: the studies a failed
+    worker held are finished by the others."""
+    jobs, labels = [], []
     for slot, index in enumerate(devices):
         label = f"gpu {index}" if settings.device.is_gpu else f"cpu worker {index}"
         worker_settings = replace(settings, label=label, bar_position=slot, walk_slot=slot, walk_count=len(devices))
-        writes = first_writes and slot == 0
-        process = context.Process(target=_work, args=(worker_settings, writes), name=f"moetune {label}")
-        with _only_gpu(index if settings.device.is_gpu else None):
-            process.start()
-        processes.append((label, process))
+        jobs.append((worker_settings, first_writes and slot == 0, index))
+        labels.append(label)
+    if forked is not None:
+        processes = forked.start([(job_settings, writes, _visible_device(index) if settings.device.is_gpu else None)
+                                  for job_settings, writes, index in jobs])
+    else:
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked once initialized
+        processes = []
+        for (job_settings, writes, index), label in zip(jobs, labels):
+            process = context.Process(target=_work, args=(job_settings, writes), name=f"moetune {label}")
+            with _only_gpu(index if settings.device.is_gpu else None):
+                process.start()
+            processes.append(process)
     try:
-        for _, process in processes:
+        for process in processes:
             process.join()
     except KeyboardInterrupt:
         # The terminal interrupted the workers too: let them end their trials, then stop them.
-        for _, process in processes:
+        for process in processes:
             process.join(timeout=STOP_GRACE_S)
             if process.is_alive():
                 process.terminate()
         raise
-    failed = [(label, process.exitcode) for label, process in processes if process.exitcode != 0]
+    failed = [(label, process.exitcode) for label, process in zip(labels, processes) if process.exitcode != 0]
     for label, code in failed:
         log(f"{label}: worker exited with code {code}")
     if len(failed) == len(processes):
         if all(code == 2 for _, code in failed):
             raise UsageError("every worker refused to start (see above)")
         raise RuntimeError("every worker failed (see above)")
-    return first_writes and processes[0][1].exitcode == 0
+    return first_writes and processes[0].exitcode == 0

@@ -112,7 +112,8 @@ def test_the_parent_writes_the_table_when_the_first_worker_does_not(tmp_path, mo
     real = workers.run_workers
     # As if the writer had died: the workers run trials only and report no writer.
     monkeypatch.setattr(workers, "run_workers",
-                        lambda settings, devices, first_writes: real(settings, devices, first_writes=False))
+                        lambda settings, devices, first_writes, forked: real(settings, devices, first_writes=False,
+                                                                             forked=forked))
     assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "did not finish: writing the tables from the studies here" in out
@@ -273,6 +274,62 @@ def test_bad_worker_flags_are_one_line_exit_2(tmp_path, capsys, args, words):
     assert not (tmp_path / "tables").exists()
 
 
+def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch, capsys):
+    """The workers start before the parent checks its input; a refused run takes them down."""
+    import multiprocessing
+
+    import moetune.workers as workers
+
+    stop_tqdm_monitor()
+    forked = []
+    real = workers.ForkedWorkers.__init__
+    monkeypatch.setattr(workers.ForkedWorkers, "__init__", lambda self, count: forked.append(count) or real(self, count))
+    assert main(["run", *RUN, "--devices", "0,1", "--trials", "0", "--out-dir", str(tmp_path / "tables")]) == 2
+    assert forked == [2]
+    assert "--trials" in capsys.readouterr().err
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "tables").exists()
+
+
+def stop_tqdm_monitor() -> None:
+    """Earlier in-process runs leave tqdm's monitor thread behind; `moetune run` has none."""
+    from tqdm import tqdm
+
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+
+
+def test_workers_are_forked_only_without_other_threads():
+    import threading
+
+    import moetune.workers as workers
+
+    stop_tqdm_monitor()
+    assert workers.ForkedWorkers.possible()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert not workers.ForkedWorkers.possible()  # it might hold a lock the children inherit
+    finally:
+        release.set()
+        other.join()
+
+
+def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capfd):
+    import moetune.workers as workers
+
+    stop_tqdm_monitor()
+
+    started = []
+    real = workers.ForkedWorkers.start
+    monkeypatch.setattr(workers.ForkedWorkers, "start", lambda self, jobs: started.append(jobs) or real(self, jobs))
+    assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
+    assert len(started) == 1 and [writes for _, writes, _ in started[0]] == [True, False]
+    assert "[cpu worker 0] wrote" in capfd.readouterr().out
+
+
 def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch, capsys):
     """On a CPU, --devices only says how many interpreter processes to run."""
     import moetune.workers as workers
@@ -280,7 +337,7 @@ def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch
 
     seen = {}
     monkeypatch.setattr(workers, "run_workers",
-                        lambda settings, devices, first_writes: seen.update(devices=devices, writes=first_writes))
+                        lambda settings, devices, first_writes, forked: seen.update(devices=devices, writes=first_writes))
     monkeypatch.setattr(tune, "collect", lambda settings, allow_incomplete: [])
     assert main(["run", *RUN, "--devices", "3,5,7", "--out-dir", str(tmp_path)]) == 0
     assert seen == {"devices": [3, 5, 7], "writes": True}
