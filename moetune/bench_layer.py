@@ -53,6 +53,25 @@ class CompileRequest(NamedTuple):
 ROLE_VARIANT = {"gemm2_unfused": "unfused", "gemm2_fused": "fused"}
 
 
+def role_compile_request(role: str, M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                         block_size_m: int) -> CompileRequest:
+    """What compile_grouped_gemm needs to build the binary a role runs with that
+    BLOCK_SIZE_M, from the sizes alone: a tuner can start compiling before it has built the
+    batch size's inputs. The operands are those of BatchBench, all contiguous:
+      gemm1   x [M, K] @ w1 [E, 2N, K] -> gate_up [M*topk, 2N]
+      gemm2   activation [M*topk, N] @ w2 [E, K, N] -> down [M*topk, K], or out [M, K] atomically
+    """
+    capacity = max_padded_rows(M * topk, E, block_size_m)
+    if role == "gemm1":
+        geometry = GemmGeometry(2 * N, K, capacity, M * topk, K, 1, 2 * N * K, K, 1, 2 * N, 1)
+        return CompileRequest(dtype, geometry, topk, topk, False, False)
+    if role not in ROLE_VARIANT:
+        raise ValueError(f"unknown role {role!r}")
+    # Fused or not, GEMM 2 writes one row of K per (token, k) slot; fused, into out[token].
+    geometry = GemmGeometry(K, N, capacity, M * topk, N, 1, K * N, N, 1, K, 1)
+    return CompileRequest(dtype, geometry, topk, 1, True, role == "gemm2_fused")
+
+
 @dataclass
 class BatchBench:
     """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device."""
@@ -92,11 +111,7 @@ class BatchBench:
     def compile_request(self, role: str, block_size_m: int) -> CompileRequest:
         """What compile_grouped_gemm needs to build, in another process, the binary this role
         runs with that BLOCK_SIZE_M."""
-        ops = self._operands(role)
-        capacity = max_padded_rows(self.M * self.topk, self.E, block_size_m)
-        geometry = gemm_geometry(ops.a, ops.weights, ops.out, capacity, self.topk, ops.atomic_add)
-        return CompileRequest(ops.a.dtype, geometry, self.topk, ops.a_rows_per_slot,
-                              ops.topk_weights is not None, ops.atomic_add)
+        return role_compile_request(role, self.M, self.E, self.N, self.K, self.topk, self.w1.dtype, block_size_m)
 
     def _aligned_for(self, block_size_m: int) -> AlignedTokens:
         if block_size_m not in self._aligned:

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest
+from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest, role_compile_request
 from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo, torch_device
@@ -122,15 +122,19 @@ def _compile_job(request: CompileRequest, config: dict) -> float:
     return time.perf_counter() - start
 
 
-def _start_compile_process() -> None:
-    """Each compile process's first step: the imports and Triton's driver set-up (the GPU's
-    context, the compiled driver helpers) that its first compile would otherwise wait for."""
-    try:
-        import moetune.kernels  # noqa: F401 - torch and Triton
-        from triton.runtime import driver
+# A small problem each compile process compiles first, for the set-up its first real compile
+# would otherwise wait for.
+_FIRST_REQUEST = role_compile_request("gemm1", 16, 4, 64, 64, 2, torch.float16, 16)
+_FIRST_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4,
+                 "num_stages": 2}
 
-        driver.active.get_current_target()
-        driver.active.get_current_stream()
+
+def _start_compile_process() -> None:
+    """Each compile process's first step, while the tuner builds its first inputs: the
+    imports, Triton's driver (the GPU's context, its compiled helpers) and compiler (its
+    libraries, the kernel's parsed source), set up by compiling a small problem."""
+    try:
+        _compile_job(_FIRST_REQUEST, _FIRST_CONFIG)
     except Exception:  # noqa: BLE001 - a compile that then fails reports it, with its candidate
         pass
 
@@ -343,7 +347,9 @@ class RoleStudy:
                 trial.set_user_attr("status", "surplus")
                 self._tell(trial, state="FAIL")
                 return False
-            request = self.bench.compile_request(self.role, config["BLOCK_SIZE_M"])
+            # From the sizes, not the bench: the first compiles start before its inputs are built.
+            request = role_compile_request(self.role, self.M, self.shape.E, self.shape.N, self.shape.K,
+                                           self.shape.topk, TORCH_DTYPES[self.settings.dtype], config["BLOCK_SIZE_M"])
             future = self.compiler.submit(request, config)
             self.pending.append((trial, config, future))
             done = state.counted + state.in_flight
