@@ -22,7 +22,9 @@ def use_interpreter_without_gpu() -> None:
     Must be called before any @triton.jit function is defined: Triton chooses between
     compiling and interpreting when the decorator runs.
     """
-    if not torch.cuda.is_available():
+    # device_count asks NVML, which leaves CUDA uninitialized: `run --devices` forks its
+    # workers after this import, and CUDA cannot be used in a child forked after cuInit.
+    if torch.cuda.device_count() == 0:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -122,7 +122,19 @@ def _wait_for_work(connection) -> None:
     settings, write_tables, visible = job
     if visible is not None:  # before anything here touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    if _cuda_unusable_here():
+        # Something in the parent initialized CUDA before the fork after all: start afresh.
+        print(f"[{settings.label}] CUDA was initialized before the fork: starting a fresh process", flush=True)
+        process = multiprocessing.get_context("spawn").Process(target=_work, args=(settings, write_tables))
+        process.start()
+        process.join()
+        sys.exit(process.exitcode)
     _work(settings, write_tables)
+
+
+def _cuda_unusable_here() -> bool:
+    """Whether this process was forked from one that had initialized CUDA."""
+    return bool(getattr(torch._C, "_cuda_isInBadFork", lambda: False)())
 
 
 class ForkedWorkers:

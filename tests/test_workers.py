@@ -330,6 +330,19 @@ def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capf
     assert "[cpu worker 0] wrote" in capfd.readouterr().out
 
 
+def test_a_worker_forked_after_cuda_was_initialized_starts_afresh(tmp_path, monkeypatch, capfd):
+    """CUDA refuses a child forked after its parent initialized it: the child then spawns a
+    fresh process for its work (this test makes every child think so)."""
+    import moetune.workers as workers
+
+    stop_tqdm_monitor()
+    monkeypatch.setattr(workers, "_cuda_unusable_here", lambda: True)
+    assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
+    assert "[cpu worker 0] wrote" in capfd.readouterr().out
+    pids = check_shared_studies(studies_in(str(tmp_path / "cpu" / "moetune-studies.journal")), trials=3, workers=2)
+    assert len(pids) == 2
+
+
 def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch, capsys):
     """On a CPU, --devices only says how many interpreter processes to run."""
     import moetune.workers as workers
