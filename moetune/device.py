@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,19 @@ def use_interpreter_without_gpu() -> None:
     # workers after this import, and CUDA cannot be used in a child forked after cuInit.
     if torch.cuda.device_count() == 0:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def forked_after_cuda() -> bool:
+    """Whether this process was forked from one that had initialized CUDA: CUDA then
+    refuses to work here."""
+    return bool(getattr(torch._C, "_cuda_isInBadFork", lambda: False)())
+
+
+def fork_is_safe() -> bool:
+    """Whether children forked now can use CUDA and run: CUDA untouched here, and no other
+    thread that might hold a lock the children would inherit locked."""
+    return ("fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+            and not forked_after_cuda() and threading.active_count() == 1)
 
 
 def device_key(name: str) -> str:

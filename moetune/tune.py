@@ -41,7 +41,7 @@ import torch
 from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest, role_compile_request
 from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
-from .device import DeviceInfo, torch_device
+from .device import DeviceInfo, fork_is_safe, forked_after_cuda, torch_device
 from .errors import UsageError
 from .sampler import KeptConfigSampler
 from .shapes import MoEShape
@@ -133,37 +133,66 @@ def _start_compile_process() -> None:
     """Each compile process's first step, while the tuner builds its first inputs: the
     imports, Triton's driver (the GPU's context, its compiled helpers) and compiler (its
     libraries, the kernel's parsed source), set up by compiling a small problem."""
+    if forked_after_cuda():
+        return  # the Compiler sees it and starts spawned processes instead
+    torch.set_num_threads(1)  # forked, OpenMP's threads are the parent's; compiling needs none
     try:
         _compile_job(_FIRST_REQUEST, _FIRST_CONFIG)
     except Exception:  # noqa: BLE001 - a compile that then fails reports it, with its candidate
         pass
 
 
-def _started() -> None:
-    """A no-op job: one per process makes the pool start them all at once."""
+def _started() -> bool:
+    """One job per process makes the pool start them all at once; False where CUDA refuses
+    to work (forked too late)."""
+    return not forked_after_cuda()
+
+
+def compiler_for(compile_workers: int, gpu: bool) -> "Compiler":
+    """The tuner's compiler: processes on a GPU; inline in the interpreter, which compiles
+    nothing ahead."""
+    return Compiler(compile_workers if gpu else 0)
 
 
 class Compiler:
     """Compiles candidates in worker processes while the GPU times others; inline without workers.
 
-    The processes start, import torch and set up Triton at once, while the tuner opens its
-    studies and builds its first inputs, so the first compiles do not pay for it."""
+    The processes start at once and set up Triton while the tuner opens its studies and
+    builds its first inputs. They are forked when this process has not touched CUDA yet
+    (create the Compiler first): a forked process has torch and Triton imported already,
+    where a spawned one spends seconds importing them, all of them at once."""
 
     def __init__(self, workers: int):
         self.pool = None
         # Candidates kept in flight: one per compiling process, or one at a time inline.
         self.capacity = max(1, workers)
+        self.workers = workers
+        self.checked = True
         if workers > 0:
-            import multiprocessing
+            self._start("fork" if fork_is_safe() else "spawn")
 
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_compile_process)
-            for _ in range(workers):  # the pool starts a process per job waiting, up to its size
-                self.pool.submit(_started)
+    def _start(self, method: str) -> None:
+        import multiprocessing
+
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context(method),
+                                        initializer=_start_compile_process)
+        # The pool starts a process per job waiting, up to its size.
+        self.started = [self.pool.submit(_started) for _ in range(self.workers)]
+        self.checked = method != "fork"
+
+    def _check_fork(self) -> None:
+        """Forked processes where CUDA refuses to work (something had initialized it here
+        unnoticed) would fail every compile: replace them with spawned ones."""
+        self.checked = True
+        if not all(future.result(timeout=COMPILE_TIMEOUT_S) for future in self.started):
+            self.pool.shutdown(wait=True)
+            self._start("spawn")
 
     def submit(self, request: CompileRequest, config: dict) -> Future | None:
         if self.pool is None:
             return None
+        if not self.checked:
+            self._check_fork()
         return self.pool.submit(_compile_job, request, config)
 
     def close(self) -> None:
@@ -798,12 +827,14 @@ def _checked_storage(settings: TuneSettings):
     return storage
 
 
-def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True) -> list[Path]:
-    """Tune every shape and batch size of `settings`; returns the tables written.
+def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True,
+         compiler: Compiler | None = None) -> list[Path]:
+    """Tune every shape and batch size of `settings`; returns the tables written (and closes
+    `compiler`, made by compiler_for if the caller started it before touching CUDA).
 
     write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
     # First, so that the compile processes start while the storage opens and the tuner sets up.
-    compiler = Compiler(settings.compile_workers if settings.device.is_gpu else 0)
+    compiler = compiler or compiler_for(settings.compile_workers, settings.device.is_gpu)
     try:
         storage = _checked_storage(settings)
     except BaseException:

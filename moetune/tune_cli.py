@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .device import DeviceInfo, local_device
+from .device import DeviceInfo, interpreter_enabled, local_device
 from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .space import load_space
@@ -207,14 +207,32 @@ def main(args: argparse.Namespace) -> int:
     # Several GPUs: start their workers before this process touches one (see ForkedWorkers).
     count = len(parse_devices(args.devices)) if args.devices is not None else 1
     forked = ForkedWorkers(count) if count > 1 and ForkedWorkers.possible() else None
+    # One process: its compile processes start now, forked before it touches the GPU.
+    compiler = _early_compiler(args) if count == 1 else None
     try:
-        return _run(args, forked)
+        return _run(args, forked, compiler)
     finally:
         if forked is not None:
             forked.release()
+        if compiler is not None:
+            compiler.close()
 
 
-def _run(args: argparse.Namespace, forked) -> int:
+def _early_compiler(args: argparse.Namespace):
+    """The tuner's compiler, started before the settings are checked (which touches CUDA);
+    None if --compile-workers is bad (the check then says so)."""
+    from .tune import compiler_for
+
+    workers = args.compile_workers
+    if workers is None:
+        workers = default_compile_workers(os.cpu_count() or 1, 1)
+    if workers < 0:
+        return None
+    # device_count asks NVML: CUDA stays untouched, as local_device would not leave it.
+    return compiler_for(workers, torch.cuda.device_count() > 0 and not interpreter_enabled())
+
+
+def _run(args: argparse.Namespace, forked, compiler) -> int:
     settings, devices = build_settings(args)
     from .tune import tune
 
@@ -245,9 +263,9 @@ def _run(args: argparse.Namespace, forked) -> int:
         if args.worker:
             from .tune import worker_salt
 
-            tune(replace(settings, sampler_salt=worker_salt()), write_tables=False)
+            tune(replace(settings, sampler_salt=worker_salt()), write_tables=False, compiler=compiler)
             return 0
-        written = tune(settings)
+        written = tune(settings, compiler=compiler)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -19,14 +19,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import threading
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from .device import DeviceInfo, interpreter_enabled, local_device
+from .device import DeviceInfo, fork_is_safe, forked_after_cuda, interpreter_enabled, local_device
 from .errors import UsageError
 
 # How long the parent lets interrupted workers end their trials before stopping them.
@@ -122,7 +121,7 @@ def _wait_for_work(connection) -> None:
     settings, write_tables, visible = job
     if visible is not None:  # before anything here touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    if _cuda_unusable_here():
+    if forked_after_cuda():
         # Something in the parent initialized CUDA before the fork after all: start afresh.
         print(f"[{settings.label}] CUDA was initialized before the fork: starting a fresh process", flush=True)
         process = multiprocessing.get_context("spawn").Process(target=_work, args=(settings, write_tables))
@@ -130,11 +129,6 @@ def _wait_for_work(connection) -> None:
         process.join()
         sys.exit(process.exitcode)
     _work(settings, write_tables)
-
-
-def _cuda_unusable_here() -> bool:
-    """Whether this process was forked from one that had initialized CUDA."""
-    return bool(getattr(torch._C, "_cuda_isInBadFork", lambda: False)())
 
 
 class ForkedWorkers:
@@ -160,10 +154,7 @@ class ForkedWorkers:
 
     @staticmethod
     def possible() -> bool:
-        """Whether forking is safe here: CUDA untouched, and no other thread that might hold
-        a lock the children would inherit locked."""
-        return ("fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
-                and threading.active_count() == 1)
+        return fork_is_safe()
 
     def start(self, jobs: list) -> list[multiprocessing.Process]:
         """Give each worker its (settings, write_tables, CUDA_VISIBLE_DEVICES)."""

@@ -71,6 +71,8 @@ case "$step" in
         --out-dir "$out/tuned_2gpu" --no-progress 2>&1 | tee "$out/tune_qwen3_2gpu.log" ;;
   scale)
     root=$(cd "$out" && pwd)  # compile workers may start elsewhere: an absolute cache path
+    # Read the libraries once, so that neither run pays for a cold disk cache the other does not.
+    python3 -c "import moetune.tune, optuna"
     for devices in 0 0,1; do
       name=${devices/,/_}
       TRITON_CACHE_DIR="$root/triton_cache_$name" timed moetune run --gpu H200 --model Qwen3-30B-A3B \

@@ -72,3 +72,14 @@ def isolated_loader(monkeypatch, tmp_path):
     loader.clear_cache()
     yield packaged
     loader.clear_cache()
+
+
+@pytest.fixture
+def single_threaded():
+    """Stop the monitor thread earlier in-process tqdm bars leave behind (`moetune run` has
+    none before it forks): with another thread alive, nothing forks."""
+    from tqdm import tqdm
+
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None

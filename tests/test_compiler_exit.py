@@ -36,3 +36,26 @@ def test_a_child_process_with_compile_workers_exits():
         child.join()
     assert not alive, "the child hung at exit, waiting for its compile workers"
     assert child.exitcode == 0
+
+
+def test_compile_processes_are_forked_when_nothing_here_touched_cuda(single_threaded):
+    compiler = Compiler(2)
+    try:
+        assert compiler.pool._mp_context.get_start_method() == "fork"
+        assert all(future.result(timeout=60) for future in compiler.started)
+    finally:
+        compiler.close()
+
+
+def test_forked_compile_processes_where_cuda_refuses_are_replaced_by_spawned_ones(single_threaded, monkeypatch):
+    import moetune.tune as tune
+
+    monkeypatch.setattr(tune, "forked_after_cuda", lambda: True)  # what the forked children will see
+    compiler = Compiler(2)
+    try:
+        request = BatchBench(*make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0)),
+                             5, 2, seed=1).compile_request("gemm1", CONFIG["BLOCK_SIZE_M"])
+        compiler.submit(request, CONFIG).exception(timeout=120)
+        assert compiler.pool._mp_context.get_start_method() == "spawn"
+    finally:
+        compiler.close()

@@ -134,7 +134,7 @@ def test_presets_matching_e_and_topk_are_named(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_tune(settings, log=print):
+    def fake_tune(settings, log=print, compiler=None):
         seen["shapes"] = [shape.name for shape in settings.shapes]
         return []
 

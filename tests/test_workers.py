@@ -274,13 +274,12 @@ def test_bad_worker_flags_are_one_line_exit_2(tmp_path, capsys, args, words):
     assert not (tmp_path / "tables").exists()
 
 
-def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch, capsys):
+def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch, capsys, single_threaded):
     """The workers start before the parent checks its input; a refused run takes them down."""
     import multiprocessing
 
     import moetune.workers as workers
 
-    stop_tqdm_monitor()
     forked = []
     real = workers.ForkedWorkers.__init__
     monkeypatch.setattr(workers.ForkedWorkers, "__init__", lambda self, count: forked.append(count) or real(self, count))
@@ -291,21 +290,11 @@ def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch
     assert not (tmp_path / "tables").exists()
 
 
-def stop_tqdm_monitor() -> None:
-    """Earlier in-process runs leave tqdm's monitor thread behind; `moetune run` has none."""
-    from tqdm import tqdm
-
-    if tqdm.monitor is not None:
-        tqdm.monitor.exit()
-        tqdm.monitor = None
-
-
-def test_workers_are_forked_only_without_other_threads():
+def test_workers_are_forked_only_without_other_threads(single_threaded):
     import threading
 
     import moetune.workers as workers
 
-    stop_tqdm_monitor()
     assert workers.ForkedWorkers.possible()
     release = threading.Event()
     other = threading.Thread(target=release.wait)
@@ -317,10 +306,9 @@ def test_workers_are_forked_only_without_other_threads():
         other.join()
 
 
-def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capfd):
+def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capfd, single_threaded):
     import moetune.workers as workers
 
-    stop_tqdm_monitor()
 
     started = []
     real = workers.ForkedWorkers.start
@@ -330,13 +318,12 @@ def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capf
     assert "[cpu worker 0] wrote" in capfd.readouterr().out
 
 
-def test_a_worker_forked_after_cuda_was_initialized_starts_afresh(tmp_path, monkeypatch, capfd):
+def test_a_worker_forked_after_cuda_was_initialized_starts_afresh(tmp_path, monkeypatch, capfd, single_threaded):
     """CUDA refuses a child forked after its parent initialized it: the child then spawns a
     fresh process for its work (this test makes every child think so)."""
     import moetune.workers as workers
 
-    stop_tqdm_monitor()
-    monkeypatch.setattr(workers, "_cuda_unusable_here", lambda: True)
+    monkeypatch.setattr(workers, "forked_after_cuda", lambda: True)
     assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
     assert "[cpu worker 0] wrote" in capfd.readouterr().out
     pids = check_shared_studies(studies_in(str(tmp_path / "cpu" / "moetune-studies.journal")), trials=3, workers=2)
