@@ -11,6 +11,7 @@ counts; the roles it does not tune run with the default config there.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,19 +58,23 @@ def role_compile_request(role: str, M: int, E: int, N: int, K: int, topk: int, d
                          block_size_m: int) -> CompileRequest:
     """What compile_grouped_gemm needs to build the binary a role runs with that
     BLOCK_SIZE_M, from the sizes alone: a tuner can start compiling before it has built the
-    batch size's inputs. The operands are those of BatchBench, all contiguous:
+    batch size's inputs. The operands, on the meta device (shapes and strides, no memory),
+    are laid out as BatchBench's:
       gemm1   x [M, K] @ w1 [E, 2N, K] -> gate_up [M*topk, 2N]
       gemm2   activation [M*topk, N] @ w2 [E, K, N] -> down [M*topk, K], or out [M, K] atomically
     """
-    capacity = max_padded_rows(M * topk, E, block_size_m)
-    if role == "gemm1":
-        geometry = GemmGeometry(2 * N, K, capacity, M * topk, K, 1, 2 * N * K, K, 1, 2 * N, 1)
-        return CompileRequest(dtype, geometry, topk, topk, False, False)
-    if role not in ROLE_VARIANT:
+    if role != "gemm1" and role not in ROLE_VARIANT:
         raise ValueError(f"unknown role {role!r}")
-    # Fused or not, GEMM 2 writes one row of K per (token, k) slot; fused, into out[token].
-    geometry = GemmGeometry(K, N, capacity, M * topk, N, 1, K * N, N, 1, K, 1)
-    return CompileRequest(dtype, geometry, topk, 1, True, role == "gemm2_fused")
+    meta = functools.partial(torch.empty, dtype=dtype, device="meta")
+    rows = M * topk
+    atomic_add = role == "gemm2_fused"
+    if role == "gemm1":
+        a, weights, out = meta(M, K), meta(E, 2 * N, K), meta(rows, 2 * N)
+    else:
+        a, weights, out = meta(rows, N), meta(E, K, N), meta(M, K) if atomic_add else meta(rows, K)
+    geometry = gemm_geometry(a, weights, out, max_padded_rows(rows, E, block_size_m), topk, atomic_add)
+    # GEMM 1 reads each token's row for all its top-k slots; GEMM 2 weighs by the router weight.
+    return CompileRequest(dtype, geometry, topk, topk if role == "gemm1" else 1, role != "gemm1", atomic_add)
 
 
 @dataclass
