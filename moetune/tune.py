@@ -219,6 +219,9 @@ class RoleStudy:
         self.created = False  # whether this process created the study (and queued its warm starts)
         self.make_bench, self.compiler, self.clock = bench, compiler, clock
         self.heartbeat, self.on_progress = heartbeat, on_progress
+        # BLOCK_SIZE_M -> compile request, from the sizes: compiles start before the inputs are built.
+        self.compile_request = functools.partial(role_compile_request, role, M, shape.E, shape.N, shape.K,
+                                                 shape.topk, TORCH_DTYPES[settings.dtype])
         kind = "gemm1" if role == "gemm1" else "gemm2"
         self.problem = Problem.for_role(kind, M, shape.E, shape.N, shape.K, shape.topk,
                                         TORCH_DTYPES[settings.dtype].itemsize)
@@ -232,7 +235,6 @@ class RoleStudy:
         self.attempts = 0  # asks since this process last had reason to hope for new configs
         self.pending: list = []  # (trial, config, compile future) asked here, not yet evaluated
         self.deadline = math.inf  # when this process stops asking for more than a few trials
-        self.visited_at: float | None = None  # when this process's walk opened it
         self.gave_up_at = 0  # trials counted when it stopped for want of new configs
 
     @property
@@ -376,10 +378,7 @@ class RoleStudy:
                 trial.set_user_attr("status", "surplus")
                 self._tell(trial, state="FAIL")
                 return False
-            # From the sizes, not the bench: the first compiles start before its inputs are built.
-            request = role_compile_request(self.role, self.M, self.shape.E, self.shape.N, self.shape.K,
-                                           self.shape.topk, TORCH_DTYPES[self.settings.dtype], config["BLOCK_SIZE_M"])
-            future = self.compiler.submit(request, config)
+            future = self.compiler.submit(self.compile_request(config["BLOCK_SIZE_M"]), config)
             self.pending.append((trial, config, future))
             done = state.counted + state.in_flight
         return done < target
@@ -639,6 +638,7 @@ class TuningRun:
         self.heartbeat = TrialHeartbeat(storage)
         self.benches = Benches(settings)
         self.studies: dict[tuple, RoleStudy] = {}  # (shape key, M, role) -> study
+        self.visited: set[tuple] = set()  # the studies the walk opened (or asked ahead in)
         self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
         self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
         self.best: dict[tuple, list[dict]] = {}  # (shape key, M, role) -> best configs found here
@@ -672,12 +672,9 @@ class TuningRun:
             for index, (shape, M, role) in enumerate(visits):
                 self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
                 runner = self._visit(shape, M, role, len(visits) - index)
-                following = visits[index + 1] if index + 1 < len(visits) else None
-
-                def look_ahead(free: int, following=following, left=len(visits) - index - 1) -> None:
-                    if following is not None:
-                        self._visit(*following, left).fill(free)  # its pending count among the free
-
+                look_ahead = None
+                if index + 1 < len(visits):
+                    look_ahead = functools.partial(self._ask_ahead, visits[index + 1], len(visits) - index - 1)
                 self.evaluated += runner.run(runner.deadline, look_ahead)
                 result = runner.result()
                 if result is not None:
@@ -695,15 +692,21 @@ class TuningRun:
         """The study, opened on the first visit (warm starts queued, its share of the time
         budget set): by the walk, or earlier to ask its first trials ahead."""
         key = (_shape_key(shape), M, role)
-        runner = self.studies.get(key)
-        if runner is None or runner.visited_at is None:
-            warm = warm_starts(role, M, shape, self._neighbour_best(shape, M, role), self._baseline(shape),
-                               self.settings.device.shared_memory_bytes)
-            runner = self._open(shape, M, role, warm)
-            # The time left is shared evenly by the studies not visited yet.
-            now = time.monotonic()
-            runner.visited_at, runner.deadline = now, now + (self.deadline - now) / max(visits_left, 1)
+        if key in self.visited:
+            return self.studies[key]
+        warm = warm_starts(role, M, shape, self._neighbour_best(shape, M, role), self._baseline(shape),
+                           self.settings.device.shared_memory_bytes)
+        runner = self._open(shape, M, role, warm)
+        # The time left is shared evenly by the studies not visited yet.
+        now = time.monotonic()
+        runner.deadline = now + (self.deadline - now) / max(visits_left, 1)
+        self.visited.add(key)
         return runner
+
+    def _ask_ahead(self, visit: tuple, visits_left: int, free: int) -> None:
+        """The next study's first trials, into the `free` compile slots the current one no
+        longer needs (the next study's own pending trials count among them)."""
+        self._visit(*visit, visits_left).fill(free)
 
     def _baseline(self, shape: MoEShape):
         if _shape_key(shape) not in self.baselines:
