@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .device import DeviceInfo, interpreter_enabled, local_device
+from .device import DeviceInfo, fork_is_safe, interpreter_enabled, local_device
 from .errors import UsageError
 from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
 from .space import load_space
@@ -174,11 +174,7 @@ def build_settings(args: argparse.Namespace):
     baseline = baseline_folder(args.baseline_configs)
     space = load_space(args.space)
     dtype = resolve_dtype(args.dtype, device, atomics="fused" in variants)
-    workers = args.compile_workers
-    if workers is None:
-        workers = default_compile_workers(os.cpu_count() or 1, len(devices or [0]))
-    if workers < 0:
-        raise UsageError(f"--compile-workers must be >= 0, got {workers}")
+    workers = compile_workers(args.compile_workers, len(devices or [0]))
     settings = TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
                             trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
                             storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
@@ -186,6 +182,14 @@ def build_settings(args: argparse.Namespace):
                             # The interpreter's timings mean nothing: keep the final layer stage short.
                             top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
     return settings, devices
+
+
+def compile_workers(requested: int | None, gpus: int) -> int:
+    """--compile-workers, or its default for `gpus` GPUs sharing this machine's cores."""
+    workers = requested if requested is not None else default_compile_workers(os.cpu_count() or 1, gpus)
+    if workers < 0:
+        raise UsageError(f"--compile-workers must be >= 0, got {workers}")
+    return workers
 
 
 def default_compile_workers(cpu_cores: int, gpus: int) -> int:
@@ -206,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
 
     # Several GPUs: start their workers before this process touches one (see ForkedWorkers).
     count = len(parse_devices(args.devices)) if args.devices is not None else 1
-    forked = ForkedWorkers(count) if count > 1 and ForkedWorkers.possible() else None
+    forked = ForkedWorkers(count) if count > 1 and fork_is_safe() else None
     # One process: its compile processes start now, forked before it touches the GPU.
     compiler = _early_compiler(args) if count == 1 else None
     try:
@@ -223,10 +227,9 @@ def _early_compiler(args: argparse.Namespace):
     None if --compile-workers is bad (the check then says so)."""
     from .tune import compiler_for
 
-    workers = args.compile_workers
-    if workers is None:
-        workers = default_compile_workers(os.cpu_count() or 1, 1)
-    if workers < 0:
+    try:
+        workers = compile_workers(args.compile_workers, 1)
+    except UsageError:
         return None
     # device_count asks NVML: CUDA stays untouched, as local_device would not leave it.
     return compiler_for(workers, torch.cuda.device_count() > 0 and not interpreter_enabled())

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .device import DeviceInfo, fork_is_safe, forked_after_cuda, interpreter_enabled, local_device
+from .device import DeviceInfo, forked_after_cuda, interpreter_enabled, local_device
 from .errors import UsageError
 
 # How long the parent lets interrupted workers end their trials before stopping them.
@@ -60,6 +60,12 @@ def device_of(devices: list[int]) -> DeviceInfo:
     return first
 
 
+def _visible_device(index: int) -> str:
+    """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process sees."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return before.split(",")[index].strip() if before is not None else str(index)
+
+
 @contextmanager
 def _only_gpu(index: int | None):
     """Environment of a worker started inside: CUDA shows it this one GPU."""
@@ -67,9 +73,7 @@ def _only_gpu(index: int | None):
         yield
         return
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if before is not None:  # the indices count within what this process was already given
-        index = before.split(",")[index].strip()
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = _visible_device(index)
     try:
         yield
     finally:
@@ -98,12 +102,6 @@ def _work(settings, write_tables: bool) -> None:
 
 
 # -- workers forked early: they start with this process's imports done ---------------------------
-
-def _visible_device(index: int) -> str:
-    """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process sees."""
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return before.split(",")[index].strip() if before is not None else str(index)
-
 
 def _wait_for_work(connection) -> None:
     """A forked worker: wait for its settings (None: the run was refused), then tune."""
@@ -151,10 +149,6 @@ class ForkedWorkers:
             process.start()
             receiver.close()
             self.workers.append((process, sender))
-
-    @staticmethod
-    def possible() -> bool:
-        return fork_is_safe()
 
     def start(self, jobs: list) -> list[multiprocessing.Process]:
         """Give each worker its (settings, write_tables, CUDA_VISIBLE_DEVICES)."""

@@ -28,7 +28,7 @@ from moetune.bench_layer import BatchBench
 from moetune.device import local_device, torch_device
 from moetune.space import Problem, candidates, load_space
 from moetune.tables import TORCH_DTYPES, read_table, write_atomic
-from moetune.tune import COMPILE_TIMEOUT_S, Compiler
+from moetune.tune import COMPILE_TIMEOUT_S, Compiler, compiler_for
 
 ROLE_CONFIG = {"gemm1": ("unfused", "gemm1"), "gemm2_unfused": ("unfused", "gemm2"), "gemm2_fused": ("fused", "gemm2")}
 
@@ -78,7 +78,7 @@ def main() -> int:
     space = load_space(args.space)
     generator = torch.Generator(device=torch_device()).manual_seed(0)
     w1, w2 = make_weights(E, N, K, TORCH_DTYPES[dtype], torch_device(), generator)
-    compiler = Compiler(args.compile_workers if device.is_gpu else 0)
+    compiler = compiler_for(args.compile_workers, device.is_gpu)
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -293,14 +293,14 @@ def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch
 def test_workers_are_forked_only_without_other_threads(single_threaded):
     import threading
 
-    import moetune.workers as workers
+    from moetune.device import fork_is_safe
 
-    assert workers.ForkedWorkers.possible()
+    assert fork_is_safe()
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()
     try:
-        assert not workers.ForkedWorkers.possible()  # it might hold a lock the children inherit
+        assert not fork_is_safe()  # it might hold a lock the children inherit
     finally:
         release.set()
         other.join()
