@@ -154,7 +154,7 @@ def get_config(
     if selection is None:
         # A new M of a known shape reads no environment, device or folder again: only the pick.
         tokens = _whole_number("M", M, 0)
-        shape_key = key[:5] + key[6:]
+        shape_key = (E, N, K, topk, dtype, variant, device, deterministic, strict)
         source = _sources.get(shape_key)
         if source is None:
             source = _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict)

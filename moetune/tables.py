@@ -38,7 +38,6 @@ _DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _TABLE_FILE_NAME = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),K=(?P<K>\d+),topk=(?P<topk>\d+),dtype=(?P<dtype>\w+)\.json$"
 )
-# check_config names a bad key as "[<key>!r] <problem>" after its `what` prefix.
 
 
 def dtype_name(dtype: Any) -> str:

@@ -30,8 +30,7 @@ def walk_order(batch_sizes: list[int], slot: int = 0, count: int = 1) -> list[in
     stretch, second = divmod(slot, 2)
     low, high = len(sizes) * stretch // stretches, len(sizes) * (stretch + 1) // stretches
     own = sizes[low:high]
-    partnered = slot + 1 < count or second == 1
-    if partnered and not second:
+    if not second and slot + 1 < count:  # the first of a pair walks down; one alone, up
         own.reverse()
     if not own:  # more processes than batch sizes
         return sizes

@@ -10,7 +10,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-
 def _round_bf16_to_nearest_even() -> None:
     """Triton's interpreter turns fp32 into bf16 by dropping the low mantissa bits (round
     toward zero), where the GPU rounds to nearest even. Over the layer's four bf16 roundings
