@@ -195,7 +195,8 @@ def grouped_gemm(
 def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dict, *, topk: int,
                          a_rows_per_slot: int, mul_routed_weight: bool, atomic_add: bool,
                          out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed") -> None:
-    """Compile (without launching) the binary that grouped_gemm would run for this geometry.
+    """Compile (without launching) the binary that grouped_gemm would run for this geometry;
+    returns Triton's compiled kernel.
 
     Lets a tuner compile candidates in other processes: the binary lands in Triton's
     on-disk cache and the timing process only loads it.
@@ -203,6 +204,6 @@ def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dic
     out_dtype = out_dtype or dtype
     weights_dtype = torch.float32 if mul_routed_weight else dtype  # router weights are fp32
     pointers = (dtype, dtype, out_dtype, weights_dtype, torch.int32, torch.int32, torch.int32)
-    _launch(lambda grid: functools.partial(_grouped_gemm_kernel.warmup, grid=grid), pointers, geometry, config,
+    return _launch(lambda grid: functools.partial(_grouped_gemm_kernel.warmup, grid=grid), pointers, geometry, config,
             weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk, mul_routed_weight=mul_routed_weight,
             atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False)

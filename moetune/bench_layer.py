@@ -118,6 +118,19 @@ class BatchBench:
         runs with that BLOCK_SIZE_M."""
         return role_compile_request(role, self.M, self.E, self.N, self.K, self.topk, self.w1.dtype, block_size_m)
 
+    def warm_up(self, block_sizes_m) -> None:
+        """Compile (or load) and launch once what the checks run besides the candidate: the
+        alignment at each BLOCK_SIZE_M, the activation, the top-k sum and the default configs
+        of the roles not tuned. A failure here is left to the trial that meets it, which
+        reports it with its config."""
+        try:
+            for block_size_m in block_sizes_m:
+                self._aligned_for(block_size_m)
+            self.check_layer("unfused", self.default, self.default)
+        except Exception:  # noqa: BLE001 - see above
+            if on_gpu():
+                torch.cuda.synchronize()
+
     def _aligned_for(self, block_size_m: int) -> AlignedTokens:
         if block_size_m not in self._aligned:
             self._aligned[block_size_m] = align_tokens(self.timed.topk_ids, self.E, block_size_m)

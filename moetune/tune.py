@@ -16,10 +16,14 @@ Each visits every study, in an order of its own (walk.py), and joins any that st
 trials to give out: the trials other processes hold RUNNING count against the budget, so
 together they overshoot it by at most one trial per process asking at the same instant.
 After its walk a process waits until every study is settled, taking over the trials of a
-process that died (see study_storage). Only a process that writes tables runs step 2, as
-soon as all roles of a batch size are settled, whichever process tuned them (under
-`--devices`, the first GPU's process, between batch sizes of its own walk); `--worker`
-processes write none, and `collect` writes the tables from the storage.
+process that died (see study_storage). Only a process that writes tables runs step 2, once
+all roles of a batch size are settled, whichever process tuned them (under `--devices`, the
+first GPU's process); `--worker` processes write none, and `collect` writes the tables from
+the storage.
+
+The GPU's idle moments, while every pending trial is still compiling, go to work it would
+otherwise wait for: building the inputs and float64 reference of the current and next batch
+size, loading the kernels their checks run, and step 2 of settled batch sizes.
 """
 
 from __future__ import annotations
@@ -54,9 +58,12 @@ from .tables import TORCH_DTYPES, merge_tables, new_table, read_table, table_pat
 from .walk import walk_order
 
 COMPILE_TIMEOUT_S = 180.0
+COMPILE_NICENESS = 5
 MIN_TRIALS_PAST_DEADLINE = 4
 # How often a process with nothing left to ask looks again at the studies others hold.
-WAIT_POLL_S = 2.0
+WAIT_POLL_S = 0.5
+# How often a table writer, in moments it waits for compiles, looks for settled batch sizes.
+SETTLED_LOOK_S = 0.5
 # The sampler of every study (wrapped by KeptConfigSampler) and the tables' record of it.
 TPE_OPTIONS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 8}
 
@@ -111,41 +118,82 @@ def worker_salt() -> int:
 
 # -- compiling ahead ---------------------------------------------------------------------------
 
-def _compile_job(request: CompileRequest, config: dict) -> float:
-    """Runs in a worker process: compile one candidate into Triton's on-disk cache."""
+def _compile_job(request: CompileRequest, config: dict, capability: tuple[int, int] | None = None,
+                 launcher: bool = False) -> float:
+    """Runs in a worker process: compile one candidate into Triton's on-disk cache, for a GPU
+    of compute `capability` (None: the GPU this process sees, which CUDA then sets up). With
+    `launcher`, also build the C launcher of the kernel's signature, which the timing
+    process would otherwise build (Triton caches it on disk too) at its first launch."""
     from moetune.kernels import compile_grouped_gemm
 
     start = time.perf_counter()
-    compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
-                         a_rows_per_slot=request.a_rows_per_slot, mul_routed_weight=request.mul_routed_weight,
-                         atomic_add=request.atomic_add)
+    if capability is not None:
+        _compile_for(capability)
+    kernel = compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
+                                  a_rows_per_slot=request.a_rows_per_slot,
+                                  mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add)
+    if launcher and kernel is not None:
+        from triton.runtime import driver
+
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
     return time.perf_counter() - start
 
 
-# A small problem each compile process compiles first, for the set-up its first real compile
-# would otherwise wait for.
-_FIRST_REQUEST = role_compile_request("gemm1", 16, 4, 64, 64, 2, torch.float16, 16)
-_FIRST_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4,
-                 "num_stages": 2}
+def _compile_for(capability: tuple[int, int]) -> None:
+    """Make Triton compile for `capability` without asking the GPU (see compile_only_driver)."""
+    from triton.runtime import driver
+
+    active = driver._active  # None until something asks for the driver
+    if getattr(active, "capability", None) != capability:
+        driver.set_active(compile_only_driver(capability))
 
 
-def _start_compile_process() -> None:
-    """Each compile process's first step, while the tuner builds its first inputs: the
-    imports, Triton's driver (the GPU's context, its compiled helpers) and compiler (its
-    libraries, the kernel's parsed source), set up by compiling a small problem."""
-    if forked_after_cuda():
-        return  # the Compiler sees it and starts spawned processes instead
-    torch.set_num_threads(1)  # forked, OpenMP's threads are the parent's; compiling needs none
-    try:
-        _compile_job(_FIRST_REQUEST, _FIRST_CONFIG)
-    except Exception:  # noqa: BLE001 - a compile that then fails reports it, with its candidate
-        pass
+@functools.cache
+def _compile_only_driver_class():
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import GPUDriver
+    from triton.backends.nvidia.driver import CudaDriver, CudaLauncher
+
+    class CompileOnlyDriver(CudaDriver):
+        """Triton's CUDA driver with the target given, the device and stream fixed: all that
+        compiling asks of it. CUDA stays untouched, which spares each compile process
+        setting it up: with 30 processes starting at once (two GPUs' tuners), that set-up
+        made their first compile wait seconds."""
+
+        def __init__(self, capability: tuple[int, int]):
+            GPUDriver.__init__(self)  # not CudaDriver's: its helpers load binaries onto the GPU
+            self.launcher_cls = CudaLauncher
+            self.capability = capability
+            self.target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+            self.get_current_device = lambda: 0
+            self.get_current_stream = lambda device=None: 0
+
+        def get_current_target(self):
+            return self.target
+
+    return CompileOnlyDriver
+
+
+def compile_only_driver(capability: tuple[int, int]):
+    return _compile_only_driver_class()(capability)
+
+
+def _start_compile_process(ready) -> None:
+    """Each compile process's first step: say at once whether CUDA would work here
+    (`ready`, read by the Compiler). Compiles given a compute capability never ask it; one
+    without asks the GPU for it."""
+    usable = not forked_after_cuda()
+    ready.put(usable)
+    if usable:
+        torch.set_num_threads(1)  # forked, OpenMP's threads are the parent's; compiling needs none
+        # Below the tuner that feeds the GPU, which shares the cores with them (and ptxas,
+        # started from here, inherits it).
+        os.nice(COMPILE_NICENESS)
 
 
 def _started() -> bool:
-    """One job per process makes the pool start them all at once; False where CUDA refuses
-    to work (forked too late)."""
-    return not forked_after_cuda()
+    """One job per process makes the pool start them all at once."""
+    return True
 
 
 def compiler_for(compile_workers: int, gpu: bool) -> "Compiler":
@@ -164,6 +212,9 @@ class Compiler:
 
     def __init__(self, workers: int):
         self.pool = None
+        # The GPU's compute capability, for compiles that need not ask it (set by the tuner
+        # once it knows its GPU); None: each process asks.
+        self.capability: tuple[int, int] | None = None
         # Candidates kept in flight: one per compiling process, or one at a time inline.
         self.capacity = max(1, workers)
         self.workers = workers
@@ -174,26 +225,37 @@ class Compiler:
     def _start(self, method: str) -> None:
         import multiprocessing
 
-        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context(method),
-                                        initializer=_start_compile_process)
+        context = multiprocessing.get_context(method)
+        self.ready = context.Queue()
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                        initializer=_start_compile_process, initargs=(self.ready,))
         # The pool starts a process per job waiting, up to its size.
         self.started = [self.pool.submit(_started) for _ in range(self.workers)]
         self.checked = method != "fork"
 
     def _check_fork(self) -> None:
         """Forked processes where CUDA refuses to work (something had initialized it here
-        unnoticed) would fail every compile: replace them with spawned ones."""
+        unnoticed) would fail every compile: replace them with spawned ones. All were forked
+        from this one state, so the first to report speaks for all; it reports before its
+        set-up, so this waits for a fork, not a compile."""
+        import queue
+
         self.checked = True
-        if not all(future.result(timeout=COMPILE_TIMEOUT_S) for future in self.started):
+        try:
+            usable = self.ready.get(timeout=COMPILE_TIMEOUT_S)
+        except queue.Empty:
+            usable = False
+        if not usable:
             self.pool.shutdown(wait=True)
             self._start("spawn")
 
-    def submit(self, request: CompileRequest, config: dict) -> Future | None:
+    def submit(self, request: CompileRequest, config: dict, launcher: bool = False) -> Future | None:
+        """Compile `config` ahead (and its launcher, see _compile_job); None without processes."""
         if self.pool is None:
             return None
         if not self.checked:
             self._check_fork()
-        return self.pool.submit(_compile_job, request, config)
+        return self.pool.submit(_compile_job, request, config, self.capability, launcher)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -236,6 +298,9 @@ class RoleStudy:
         self.pending: list = []  # (trial, config, compile future) asked here, not yet evaluated
         self.deadline = math.inf  # when this process stops asking for more than a few trials
         self.gave_up_at = 0  # trials counted when it stopped for want of new configs
+        # Work for the GPU's idle moments (see _next_ready): a step of it per call, False when
+        # there is none left.
+        self.while_waiting: Callable[[], bool] = lambda: False
 
     @property
     def bench(self) -> BatchBench:
@@ -385,13 +450,17 @@ class RoleStudy:
 
     def _next_ready(self) -> int:
         """Index of the pending trial to evaluate next: the first whose compile has finished,
-        waiting for one if none has, so that one slow compile holds up no other trial."""
+        waiting for one if none has, so that one slow compile holds up no other trial. While
+        none has, this process does what `while_waiting` has for it."""
         futures = [future for _, _, future in self.pending]
         if any(future is None for future in futures):
             return 0  # compiled inline, in order
-        for index, future in enumerate(futures):
-            if future.done():
-                return index
+        while True:
+            for index, future in enumerate(futures):
+                if future.done():
+                    return index
+            if not self.while_waiting():
+                break
         done, _ = wait(futures, timeout=COMPILE_TIMEOUT_S, return_when=FIRST_COMPLETED)
         return futures.index(next(iter(done))) if done else 0
 
@@ -580,6 +649,13 @@ class Benches:
         self.shape_key, self.weights = None, None
         self.benches: dict[int, BatchBench] = {}  # M -> inputs, least recently used first
 
+    def holds(self, shape: MoEShape, M: int) -> bool:
+        return self.shape_key == _shape_key(shape) and M in self.benches
+
+    def drop(self, shape: MoEShape, M: int) -> None:
+        if self.holds(shape, M):
+            del self.benches[M]
+
     def get(self, shape: MoEShape, M: int) -> BatchBench:
         if self.shape_key != _shape_key(shape):
             self.benches.clear()
@@ -639,12 +715,14 @@ class TuningRun:
         self.benches = Benches(settings)
         self.studies: dict[tuple, RoleStudy] = {}  # (shape key, M, role) -> study
         self.visited: set[tuple] = set()  # the studies the walk opened (or asked ahead in)
+        self.batches_started: set[tuple] = set()  # (shape key, M) whose default configs were sent to compile
         self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
         self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
         self.best: dict[tuple, list[dict]] = {}  # (shape key, M, role) -> best configs found here
         self.baselines: dict[tuple, object] = {}  # shape key -> baseline table configs
         self.paths: list[Path] = []
         self.evaluated = 0
+        self.next_look = 0.0  # when _write_next_settled may look again
         total = len(settings.shapes) * len(settings.batch_sizes) * len(self.roles) * settings.trials
         self.bar = tqdm(total=total, unit="trial", disable=not settings.progress, dynamic_ncols=True,
                         position=settings.bar_position)
@@ -673,17 +751,22 @@ class TuningRun:
                 self.bar.set_description(f"{self.settings.label} {shape.name or 'custom'} M={M} {role}".strip())
                 runner = self._visit(shape, M, role, len(visits) - index)
                 look_ahead = None
+                upcoming = [(shape, M)]
                 if index + 1 < len(visits):
                     look_ahead = functools.partial(self._ask_ahead, visits[index + 1], len(visits) - index - 1)
+                    upcoming.append(visits[index + 1][:2])
+                runner.while_waiting = functools.partial(self._use_idle_moment, upcoming)
                 self.evaluated += runner.run(runner.deadline, look_ahead)
                 result = runner.result()
                 if result is not None:
                     self.best[(_shape_key(shape), M, role)] = [config for _, config in result.ranked[:3]]
                 if self.write_tables and role == self.roles[-1]:
-                    # Batch sizes that other processes settled meanwhile: writing them now keeps
-                    # their layer timing from piling up after the walk.
-                    self._write_settled(self._look_up(shape, m, r) for m in self.settings.batch_sizes
-                                        for r in self.roles)
+                    # What the idle moments left: batch sizes that other processes settled, and
+                    # this walk's earlier ones. The one just finished is left to the next batch
+                    # size's idle moments, where its layer timing costs the GPU no time it
+                    # could have spent on trials.
+                    self._write_settled((self._look_up(shape, m, r) for m in self.settings.batch_sizes
+                                         for r in self.roles), keep=(_shape_key(shape), M))
         finally:
             for runner in self.studies.values():
                 runner.abandon()  # trials asked ahead for a study the walk did not reach
@@ -694,6 +777,8 @@ class TuningRun:
         key = (_shape_key(shape), M, role)
         if key in self.visited:
             return self.studies[key]
+        if (_shape_key(shape), M) not in self.batches_started:
+            self._compile_defaults(shape, M)
         warm = warm_starts(role, M, shape, self._neighbour_best(shape, M, role), self._baseline(shape),
                            self.settings.device.shared_memory_bytes)
         runner = self._open(shape, M, role, warm)
@@ -703,10 +788,55 @@ class TuningRun:
         self.visited.add(key)
         return runner
 
+    def _compile_defaults(self, shape: MoEShape, M: int) -> None:
+        """Ahead of a batch size's first trials: the default config of each role, which the
+        checks run in the roles not tuned, and the launchers of the roles' signatures, so
+        that preparing the batch size (_prepare) loads them instead of compiling."""
+        self.batches_started.add((_shape_key(shape), M))
+        config = default_config(M, shape.E, shape.N, shape.K, shape.topk)
+        dtype = TORCH_DTYPES[self.settings.dtype]
+        for role in self.roles:
+            request = role_compile_request(role, M, shape.E, shape.N, shape.K, shape.topk, dtype,
+                                           config["BLOCK_SIZE_M"])
+            self.compiler.submit(request, config, launcher=True)
+
     def _ask_ahead(self, visit: tuple, visits_left: int, free: int) -> None:
         """The next study's first trials, into the `free` compile slots the current one no
         longer needs (the next study's own pending trials count among them)."""
         self._visit(*visit, visits_left).fill(free)
+
+    def _use_idle_moment(self, batches: list[tuple[MoEShape, int]]) -> bool:
+        """One step of work for a moment the GPU would wait for compiles; False when there is
+        none. First the batch sizes of the walk's current and next study (_prepare), then,
+        in a process that writes tables, a batch size whose roles have all settled."""
+        return self._prepare(batches) or self._write_next_settled()
+
+    def _write_next_settled(self) -> bool:
+        """Write the first batch size whose roles all settled, looking at most every
+        SETTLED_LOOK_S (a look reads every unwritten study); False if none was written."""
+        if not self.write_tables or time.monotonic() < self.next_look:
+            return False
+        self.next_look = time.monotonic() + SETTLED_LOOK_S
+        for shape in self.settings.shapes:
+            for M in self.settings.batch_sizes:
+                if (_shape_key(shape), M) in self.written:
+                    continue
+                runners = (self._look_up(shape, M, role) for role in self.roles)
+                if all(runner is not None and runner.settled() for runner in runners):
+                    self._write(shape, M)
+                    return True
+        return False
+
+    def _prepare(self, batches: list[tuple[MoEShape, int]]) -> bool:
+        """One step of what the GPU would otherwise wait for at the start of a batch size,
+        taken while it waits for compiles: build the first of `batches` not built yet (its
+        inputs, the float64 reference) and load the kernels its checks run besides the
+        candidates. Returns False when all are built."""
+        for shape, M in batches:
+            if (_shape_key(shape), M) not in self.written and not self.benches.holds(shape, M):
+                self.benches.get(shape, M).warm_up(self.settings.space.values["BLOCK_SIZE_M"])
+                return True
+        return False
 
     def _baseline(self, shape: MoEShape):
         if _shape_key(shape) not in self.baselines:
@@ -780,10 +910,11 @@ class TuningRun:
             if not ran:
                 time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
 
-    def _write_settled(self, runners) -> list[RoleStudy]:
+    def _write_settled(self, runners, keep: tuple | None = None) -> list[RoleStudy]:
         """Look once at each of `runners` (None: a study nobody created yet) and, if this
-        process writes tables, write every batch size whose roles were all found settled;
-        returns the unsettled runners of batch sizes not written."""
+        process writes tables, write every batch size whose roles were all found settled,
+        but `keep` (a shape key and batch size); returns the unsettled runners of batch sizes
+        not written."""
         settled, unsettled = set(), []
         for runner in runners:
             if runner is None or (_shape_key(runner.shape), runner.M) in self.written:
@@ -795,7 +926,8 @@ class TuningRun:
         if self.write_tables:
             for shape in self.settings.shapes:
                 for M in sorted(self.settings.batch_sizes):
-                    if all((_shape_key(shape), M, role) in settled for role in self.roles):
+                    if (_shape_key(shape), M) != keep and all((_shape_key(shape), M, role) in settled
+                                                              for role in self.roles):
                         self._write(shape, M)
         return unsettled
 
@@ -804,6 +936,7 @@ class TuningRun:
         batch = (_shape_key(shape), M)
         studies = {role: self.studies[(*batch, role)].study for role in self.roles}
         path, entry = write_batch(self.settings, shape, M, self.benches.get(shape, M), studies, self.clock)
+        self.benches.drop(shape, M)  # written: neither trials nor layer timings need it again
         self.written[batch] = entry
         if path not in self.paths:
             self.paths.append(path)
@@ -838,6 +971,7 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
     # First, so that the compile processes start while the storage opens and the tuner sets up.
     compiler = compiler or compiler_for(settings.compile_workers, settings.device.is_gpu)
+    compiler.capability = settings.device.compute_capability
     try:
         storage = _checked_storage(settings)
     except BaseException:

@@ -19,7 +19,7 @@ from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes,
 from .space import load_space
 from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
 from .tables import VARIANTS
-from .workers import device_of, parse_devices
+from .workers import _visible_device, device_of, parse_devices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,10 +193,13 @@ def compile_workers(requested: int | None, gpus: int) -> int:
 
 
 def default_compile_workers(cpu_cores: int, gpus: int) -> int:
-    """Compile processes per GPU's tuner: the cores but one, shared by the GPUs, at most 16
-    each. Compiling, not the GPU, bounds a tune (the GPU is busy under half the time)."""
-    spare = max(0, cpu_cores - 1)
-    return max(min(spare, 1), min(16, spare // gpus))
+    """Compile processes per GPU's tuner: that GPU's share of the cores, at most 16; on one
+    core, none (compile inline). Compiling, not the GPU, bounds much of a tune. The compile
+    processes run at a lower priority than the tuners, which need no core of their own: a
+    tuner mostly waits, for its GPU or for them."""
+    if cpu_cores <= 1:
+        return 0
+    return max(1, min(16, cpu_cores // gpus))
 
 
 def use_gpu(settings, index: int | None) -> None:
@@ -208,11 +211,16 @@ def use_gpu(settings, index: int | None) -> None:
 def main(args: argparse.Namespace) -> int:
     from .workers import ForkedWorkers
 
-    # Several GPUs: start their workers before this process touches one (see ForkedWorkers).
-    count = len(parse_devices(args.devices)) if args.devices is not None else 1
-    forked = ForkedWorkers(count) if count > 1 and fork_is_safe() else None
+    # Several GPUs: start their workers before this process touches one (see ForkedWorkers),
+    # each with its compile processes.
+    devices = parse_devices(args.devices) if args.devices is not None else [None]
+    forked = None
+    if len(devices) > 1 and fork_is_safe():
+        gpu = _has_gpu()
+        forked = ForkedWorkers([_visible_device(index) if gpu else None for index in devices],
+                               _early_compile_workers(args, len(devices)), gpu)
     # One process: its compile processes start now, forked before it touches the GPU.
-    compiler = _early_compiler(args) if count == 1 else None
+    compiler = _early_compiler(args) if len(devices) == 1 else None
     try:
         return _run(args, forked, compiler)
     finally:
@@ -222,17 +230,25 @@ def main(args: argparse.Namespace) -> int:
             compiler.close()
 
 
+def _has_gpu() -> bool:
+    """Whether kernels will run on a GPU, asked of NVML: CUDA stays untouched here."""
+    return torch.cuda.device_count() > 0 and not interpreter_enabled()
+
+
+def _early_compile_workers(args: argparse.Namespace, gpus: int) -> int:
+    """--compile-workers or its default, before the settings are checked; 0 if it is bad
+    (the check then says so)."""
+    try:
+        return compile_workers(args.compile_workers, gpus)
+    except UsageError:
+        return 0
+
+
 def _early_compiler(args: argparse.Namespace):
-    """The tuner's compiler, started before the settings are checked (which touches CUDA);
-    None if --compile-workers is bad (the check then says so)."""
+    """The tuner's compiler, started before the settings are checked (which touches CUDA)."""
     from .tune import compiler_for
 
-    try:
-        workers = compile_workers(args.compile_workers, 1)
-    except UsageError:
-        return None
-    # device_count asks NVML: CUDA stays untouched, as local_device would not leave it.
-    return compiler_for(workers, torch.cuda.device_count() > 0 and not interpreter_enabled())
+    return compiler_for(_early_compile_workers(args, 1), _has_gpu())
 
 
 def _run(args: argparse.Namespace, forked, compiler) -> int:

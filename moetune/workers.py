@@ -2,13 +2,14 @@
 
 Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, coordinated
 through the storage (see tune.py), in a walk order of its own (walk.py). The first listed
-GPU's process also chooses the pairs and writes the tables, each batch size as soon as its
-studies settle, so the layer times in a table all come from one device and that timing
-overlaps the other GPUs' trials. The others run trials only. Should the writer fail, the
+GPU's process also chooses the pairs and writes the tables, each batch size once its studies
+settle, in moments its GPU waits for compiles, so the layer times in a table all come from
+one device and that timing overlaps the other GPUs' trials. The others run trials only. Should the writer fail, the
 parent writes the tables from the storage.
 
 The workers are forked before the parent touches a GPU (ForkedWorkers), so they start with
-its imports done; where forking is not possible they are spawned.
+its imports done, and start their compile processes while the parent checks the run; where
+forking is not possible they are spawned.
 
 Without a GPU the devices are labels only: each is one more process running kernels in
 Triton's interpreter, which lets the CPU tests go through the same code.
@@ -60,10 +61,14 @@ def device_of(devices: list[int]) -> DeviceInfo:
     return first
 
 
-def _visible_device(index: int) -> str:
-    """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process sees."""
+def _visible_device(index: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process
+    sees; None if it sees no such GPU (the device check refuses the run)."""
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return before.split(",")[index].strip() if before is not None else str(index)
+    if before is None:
+        return str(index)
+    visible = before.split(",")
+    return visible[index].strip() if index < len(visible) else None
 
 
 @contextmanager
@@ -83,14 +88,15 @@ def _only_gpu(index: int | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def _work(settings, write_tables: bool) -> None:
-    """A worker process: tune, writing the tables only if it is the writer."""
+def _work(settings, write_tables: bool, compiler=None) -> None:
+    """A worker process: tune, writing the tables only if it is the writer (with `compiler`,
+    compile processes started earlier, else its own)."""
     from .tune import tune, worker_salt
 
     settings = replace(settings, sampler_salt=worker_salt())
     label = settings.label
     try:
-        written = tune(settings, write_tables=write_tables,
+        written = tune(settings, write_tables=write_tables, compiler=compiler,
                        log=lambda line: print(f"[{label}] {line}" if line.strip() else line, flush=True))
         for path in written:
             print(f"[{label}] wrote {path}", flush=True)
@@ -103,30 +109,39 @@ def _work(settings, write_tables: bool) -> None:
 
 # -- workers forked early: they start with this process's imports done ---------------------------
 
-def _wait_for_work(connection) -> None:
-    """A forked worker: wait for its settings (None: the run was refused), then tune."""
+def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: bool) -> None:
+    """A forked worker: start its compile processes, wait for its settings (None: the run
+    was refused), then tune."""
+    from .tune import compiler_for
+
     # OpenMP's threads do not survive a fork: a parallel CPU op would wait for them forever
     # if the parent ran one before forking. The tuner's CPU ops are small; one thread it is.
     torch.set_num_threads(1)
-    try:
-        job = connection.recv()
-    except (EOFError, KeyboardInterrupt):
-        sys.exit(130)  # the parent went away or the terminal interrupted the run
-    finally:
-        connection.close()
-    if job is None:
-        return
-    settings, write_tables, visible = job
-    if visible is not None:  # before anything here touches CUDA
+    if visible is not None:  # before anything here touches CUDA: its compile processes see it too
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    if forked_after_cuda():
-        # Something in the parent initialized CUDA before the fork after all: start afresh.
-        print(f"[{settings.label}] CUDA was initialized before the fork: starting a fresh process", flush=True)
-        process = multiprocessing.get_context("spawn").Process(target=_work, args=(settings, write_tables))
-        process.start()
-        process.join()
-        sys.exit(process.exitcode)
-    _work(settings, write_tables)
+    # They set up while the parent checks the run's settings.
+    compiler = compiler_for(compile_workers, gpu) if not forked_after_cuda() else None
+    try:
+        try:
+            job = connection.recv()
+        except (EOFError, KeyboardInterrupt):
+            sys.exit(130)  # the parent went away or the terminal interrupted the run
+        finally:
+            connection.close()
+        if job is None:
+            return
+        settings, write_tables = job
+        if compiler is None:
+            # Something in the parent initialized CUDA before the fork after all: start afresh.
+            print(f"[{settings.label}] CUDA was initialized before the fork: starting a fresh process", flush=True)
+            process = multiprocessing.get_context("spawn").Process(target=_work, args=(settings, write_tables))
+            process.start()
+            process.join()
+            sys.exit(process.exitcode)
+        _work(settings, write_tables, compiler)
+    finally:
+        if compiler is not None:
+            compiler.close()
 
 
 class ForkedWorkers:
@@ -135,23 +150,26 @@ class ForkedWorkers:
     A spawned worker starts a new interpreter and imports torch, Triton and Optuna again,
     seconds that a run on several GPUs pays and a run on one does not. A forked one has
     them already; CUDA only forbids forking a process that has initialized it, so the
-    parent forks first and checks its GPUs after.
+    parent forks first and checks its GPUs after. Each worker starts its compile processes
+    at once, as a run on one GPU does, so that they set up during that check.
     """
 
-    def __init__(self, count: int):
+    def __init__(self, visible: list[str | None], compile_workers: int = 0, gpu: bool = False):
+        """One worker per entry of `visible`: the CUDA_VISIBLE_DEVICES it sets (None: as is)."""
         sys.stdout.flush()  # or the children would print what the parent had buffered
         sys.stderr.flush()
         context = multiprocessing.get_context("fork")
         self.workers = []
-        for _ in range(count):
+        for shown in visible:
             receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_wait_for_work, args=(receiver,), name="moetune worker")
+            process = context.Process(target=_wait_for_work, args=(receiver, shown, compile_workers, gpu),
+                                      name="moetune worker")
             process.start()
             receiver.close()
             self.workers.append((process, sender))
 
     def start(self, jobs: list) -> list[multiprocessing.Process]:
-        """Give each worker its (settings, write_tables, CUDA_VISIBLE_DEVICES)."""
+        """Give each worker its (settings, write_tables)."""
         for (_, sender), job in zip(self.workers, jobs):
             sender.send(job)
         return [process for process, _ in self.workers]
@@ -181,8 +199,7 @@ def run_workers(settings, devices: list[int], first_writes: bool = True, log: Ca
         jobs.append((worker_settings, first_writes and slot == 0, index))
         labels.append(label)
     if forked is not None:
-        processes = forked.start([(job_settings, writes, _visible_device(index) if settings.device.is_gpu else None)
-                                  for job_settings, writes, index in jobs])
+        processes = forked.start([(job_settings, writes) for job_settings, writes, _ in jobs])
     else:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked once initialized
         processes = []

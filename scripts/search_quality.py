@@ -79,6 +79,7 @@ def main() -> int:
     generator = torch.Generator(device=torch_device()).manual_seed(0)
     w1, w2 = make_weights(E, N, K, TORCH_DTYPES[dtype], torch_device(), generator)
     compiler = compiler_for(args.compile_workers, device.is_gpu)
+    compiler.capability = device.compute_capability
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

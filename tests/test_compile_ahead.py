@@ -48,13 +48,33 @@ from moetune.tune_cli import build_settings  # noqa: E402
 def test_a_slow_compile_holds_up_no_trial_compiled_after_it():
     slow, fast = Future(), Future()
     fast.set_result(0.1)
-    runner = SimpleNamespace(pending=[("slow", {}, slow), ("fast", {}, fast)])
+    runner = SimpleNamespace(pending=[("slow", {}, slow), ("fast", {}, fast)], while_waiting=lambda: False)
     assert tune_module.RoleStudy._next_ready(runner) == 1
     slow.set_result(2.0)
     runner.pending.pop(1)
     assert tune_module.RoleStudy._next_ready(runner) == 0
     # Compiled inline (no compile workers): in the order asked.
     assert tune_module.RoleStudy._next_ready(SimpleNamespace(pending=[("a", {}, None), ("b", {}, None)])) == 0
+
+
+def test_while_no_compile_has_finished_the_tuner_takes_the_steps_it_was_given_one_at_a_time():
+    pending = Future()
+    steps = []
+
+    def step():
+        steps.append(len(steps))
+        if len(steps) == 2:
+            pending.set_result(0.5)  # finishes during the second step: no third is taken
+        return True
+
+    runner = SimpleNamespace(pending=[("trial", {}, pending)], while_waiting=step)
+    assert tune_module.RoleStudy._next_ready(runner) == 0
+    assert steps == [0, 1]
+    # Steps run out: it waits for the compile.
+    late = Future()
+    ThreadPoolExecutor(1).submit(lambda: __import__("time").sleep(0.2) or late.set_result(0.2))
+    runner = SimpleNamespace(pending=[("trial", {}, late)], while_waiting=lambda: False)
+    assert tune_module.RoleStudy._next_ready(runner) == 0 and late.done()
 
 
 class ThreadCompiler(tune_module.Compiler):
@@ -65,7 +85,7 @@ class ThreadCompiler(tune_module.Compiler):
         self.capacity = workers
         self.pool = ThreadPoolExecutor(max_workers=workers)
 
-    def submit(self, request, config):
+    def submit(self, request, config, launcher=False):
         return self.pool.submit(lambda: 0.0)
 
 
@@ -91,3 +111,53 @@ def test_the_next_study_asks_its_first_trials_while_this_one_finishes(tmp_path, 
     # 6 trials in 4 slots: as gemm1's last 4 finish, gemm2 takes the slots they free (up to 3).
     assert asked_ahead, "the second study asked nothing before the first had finished"
     assert len(asked_ahead) <= 3
+
+
+def test_while_waiting_the_walk_builds_this_batch_size_then_the_next(tmp_path):
+    args = build_parser().parse_args(["run", "--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32",
+                                      "--trials", "2", "--batch-sizes", "8,16", "--variants", "unfused",
+                                      "--no-progress", "--compile-workers", "0", "--out-dir", str(tmp_path)])
+    settings, _ = build_settings(args)
+    run = tune_module.TuningRun(settings, tune_module._checked_storage(settings), lambda line: None, True,
+                                tune_module.Compiler(0))
+    try:
+        shape = settings.shapes[0]
+        batches = [(shape, 8), (shape, 16)]
+        assert run._prepare(batches) and run.benches.holds(shape, 8) and not run.benches.holds(shape, 16)
+        assert sorted(run.benches.get(shape, 8)._aligned) == sorted(settings.space.values["BLOCK_SIZE_M"])
+        assert run._prepare(batches) and run.benches.holds(shape, 16)
+        assert not run._prepare(batches)
+    finally:
+        run.close()
+
+
+def test_a_batch_size_s_first_visit_sends_the_default_configs_to_compile_with_their_launchers(tmp_path):
+    from moetune.bench_layer import role_compile_request
+    from moetune.configs import default_config
+
+    args = build_parser().parse_args(["run", "--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32",
+                                      "--trials", "2", "--batch-sizes", "8,16", "--no-progress",
+                                      "--compile-workers", "0", "--out-dir", str(tmp_path)])
+    settings, _ = build_settings(args)
+    sent = []
+
+    class Recording(tune_module.Compiler):
+        def submit(self, request, config, launcher=False):
+            sent.append((request, config, launcher))
+
+    run = tune_module.TuningRun(settings, tune_module._checked_storage(settings), lambda line: None, True,
+                                Recording(0))
+    try:
+        shape = settings.shapes[0]
+        run._visit(shape, 8, "gemm1", 6)
+        default = default_config(8, shape.E, shape.N, shape.K, shape.topk)
+        dtype = tune_module.TORCH_DTYPES[settings.dtype]
+        assert sent == [(role_compile_request(role, 8, shape.E, shape.N, shape.K, shape.topk, dtype,
+                                              default["BLOCK_SIZE_M"]), default, True)
+                        for role in ("gemm1", "gemm2_unfused", "gemm2_fused")]
+        run._visit(shape, 8, "gemm2_unfused", 5)  # the same batch size: nothing more
+        assert len(sent) == 3
+        run._visit(shape, 16, "gemm1", 4)
+        assert len(sent) == 6
+    finally:
+        run.close()

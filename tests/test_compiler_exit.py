@@ -59,3 +59,50 @@ def test_forked_compile_processes_where_cuda_refuses_are_replaced_by_spawned_one
         assert compiler.pool._mp_context.get_start_method() == "spawn"
     finally:
         compiler.close()
+
+
+def test_the_fork_check_waits_for_the_fork_not_for_each_process_to_set_up(single_threaded, monkeypatch):
+    import time
+
+    real = torch.set_num_threads
+    # What each compile process does after it reports, made slow (forked, it sees this patch).
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: time.sleep(5) or real(count))
+    compiler = Compiler(2)
+    try:
+        request = BatchBench(*make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0)),
+                             5, 2, seed=1).compile_request("gemm1", CONFIG["BLOCK_SIZE_M"])
+        start = time.monotonic()
+        future = compiler.submit(request, CONFIG)
+        assert time.monotonic() - start < 3
+        assert compiler.pool._mp_context.get_start_method() == "fork"
+        future.exception(timeout=120)
+    finally:
+        compiler.close()
+
+
+def test_compiles_given_a_compute_capability_never_ask_cuda(monkeypatch):
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    import moetune.tune as tune
+
+    def no_cuda(*args):
+        raise AssertionError("asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_cuda)
+    compile_only = tune.compile_only_driver((9, 0))
+    assert compile_only.get_current_target() == GPUTarget("cuda", 90, 32)
+    assert compile_only.get_current_device() == 0 and compile_only.get_current_stream(0) == 0
+
+    before = driver._active
+    try:
+        tune._compile_for((9, 0))
+        first = driver._active
+        assert first.get_current_target() == GPUTarget("cuda", 90, 32)
+        tune._compile_for((9, 0))
+        assert driver._active is first  # set once per process and capability
+        tune._compile_for((8, 0))
+        assert driver._active.get_current_target() == GPUTarget("cuda", 80, 32)
+    finally:
+        driver._active = before

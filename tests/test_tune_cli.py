@@ -176,13 +176,13 @@ def test_a_config_computing_wrong_results_is_rejected(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cores, gpus, expected", [
-    (16, 1, 15),   # one H200 host: every core but one
+    (16, 1, 16),   # one H200 host: a process per core (the tuner runs before them)
     (32, 1, 16),   # at most 16 for one GPU
-    (32, 2, 15),   # two GPUs share the cores
-    (16, 2, 7),
-    (2, 1, 1),
-    (1, 1, 0),     # no spare core: compile inline
-    (2, 4, 1),     # more GPUs than spare cores: still one each
+    (32, 2, 16),   # two GPUs share the cores
+    (16, 2, 8),
+    (2, 1, 2),
+    (1, 1, 0),     # one core: compile inline
+    (2, 4, 1),     # more GPUs than cores: still one each
 ])
 def test_default_compile_workers(cores, gpus, expected):
     assert default_compile_workers(cores, gpus) == expected

@@ -59,7 +59,8 @@ TABLE = "E=4,N=32,K=64,topk=2,dtype=fp16.json"
 
 def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_them(tmp_path, monkeypatch):
     """A worker settles M=1; the writer, walking down from M=8, writes M=1 right after its own
-    M=8, before it visits M=1 and before it waits for anything."""
+    M=8, before it visits M=1 and before it waits for anything. Its own M=8 waits for the
+    next batch size (for its idle moments, where there are compile processes)."""
     parser = build_parser()
     worker_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1", "--worker", "--out-dir", str(tmp_path)])
     worker, _ = build_settings(worker_args)
@@ -82,7 +83,34 @@ def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_th
     written = tune_module.tune(writer, log=lambda line: None)
 
     roles = ["gemm1", "gemm2_unfused", "gemm2_fused"]
-    assert events == [*[("tune", 8, role) for role in roles], ("write", 1), ("write", 8),
-                      *[("tune", 1, role) for role in roles]]
+    assert events == [*[("tune", 8, role) for role in roles], ("write", 1),
+                      *[("tune", 1, role) for role in roles], ("write", 8)]
     assert written == [tmp_path / "cpu" / TABLE]
     assert sorted(read_table(written[0])["batch_sizes"]) == [1, 8]
+
+
+def test_in_its_idle_moments_the_writer_writes_a_batch_size_others_settled(tmp_path):
+    parser = build_parser()
+    worker_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1", "--worker", "--out-dir", str(tmp_path)])
+    worker, _ = build_settings(worker_args)
+    assert tune_module.tune(worker, log=lambda line: None, write_tables=False) == []
+
+    writer, _ = build_settings(parser.parse_args(["run", *TINY, "--batch-sizes", "1,8", "--out-dir", str(tmp_path)]))
+    run = tune_module.TuningRun(writer, tune_module._checked_storage(writer), lambda line: None, True,
+                                tune_module.Compiler(0))
+    try:
+        assert run._use_idle_moment([])  # M=1, settled by the worker
+        assert sorted(read_table(tmp_path / "cpu" / TABLE)["batch_sizes"]) == [1]
+        assert not run._use_idle_moment([])  # looked a moment ago
+        run.next_look = 0.0
+        assert not run._use_idle_moment([])  # M=8: nobody has tuned it
+    finally:
+        run.close()
+
+    reader, _ = build_settings(parser.parse_args(["run", *TINY, "--batch-sizes", "1", "--out-dir", str(tmp_path / "w")]))
+    run = tune_module.TuningRun(reader, tune_module._checked_storage(reader), lambda line: None, False,
+                                tune_module.Compiler(0))
+    try:
+        assert not run._use_idle_moment([])  # a worker writes no table
+    finally:
+        run.close()

@@ -284,7 +284,8 @@ def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch
 
     forked = []
     real = workers.ForkedWorkers.__init__
-    monkeypatch.setattr(workers.ForkedWorkers, "__init__", lambda self, count: forked.append(count) or real(self, count))
+    monkeypatch.setattr(workers.ForkedWorkers, "__init__",
+                        lambda self, visible, *rest: forked.append(len(visible)) or real(self, visible, *rest))
     assert main(["run", *RUN, "--devices", "0,1", "--trials", "0", "--out-dir", str(tmp_path / "tables")]) == 2
     assert forked == [2]
     assert "--trials" in capsys.readouterr().err
@@ -316,7 +317,7 @@ def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capf
     real = workers.ForkedWorkers.start
     monkeypatch.setattr(workers.ForkedWorkers, "start", lambda self, jobs: started.append(jobs) or real(self, jobs))
     assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
-    assert len(started) == 1 and [writes for _, writes, _ in started[0]] == [True, False]
+    assert len(started) == 1 and [writes for _, writes in started[0]] == [True, False]
     assert "[cpu worker 0] wrote" in capfd.readouterr().out
 
 
@@ -344,3 +345,37 @@ def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch
     assert main(["run", *RUN, "--devices", "3,5,7", "--out-dir", str(tmp_path)]) == 0
     assert seen == {"devices": [3, 5, 7], "writes": True}
     assert "3 workers (interpreter processes 3,5,7)" in capsys.readouterr().out
+
+
+def test_forked_workers_start_their_compile_processes_before_their_settings_come(tmp_path, monkeypatch,
+                                                                                 single_threaded):
+    """So that the compile processes set up while the parent checks the run."""
+    import time
+
+    import moetune.tune as tune
+    import moetune.workers as workers
+
+    def compiler_for(compile_workers, gpu):  # runs in each forked worker
+        (tmp_path / f"{os.getpid()}.started").write_text(f"{compile_workers} {gpu} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
+        return tune.Compiler(0)
+
+    monkeypatch.setattr(tune, "compiler_for", compiler_for)
+    forked = workers.ForkedWorkers(["3", "5"], compile_workers=7, gpu=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = sorted(path.read_text() for path in tmp_path.glob("*.started"))
+    finally:
+        forked.release()  # no settings: they exit
+    assert seen == ["7 True 3", "7 True 5"]
+    assert all(process.exitcode == 0 for process, _ in forked.workers)
+
+
+def test_a_worker_on_a_gpu_this_process_does_not_see_gets_no_cuda_visible_devices(monkeypatch):
+    import moetune.workers as workers
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [workers._visible_device(index) for index in range(3)] == ["2", "3", None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert workers._visible_device(4) == "4"
