@@ -75,11 +75,13 @@ case "$step" in
     python3 -c "import moetune.tune, optuna"
     for devices in 0 0,1; do
       name=${devices/,/_}
+      started=$(date +%s.%N)
       TRITON_CACHE_DIR="$root/triton_cache_$name" timed moetune run --gpu H200 --model Qwen3-30B-A3B \
           --baseline-configs "$baseline" --devices "$devices" --out-dir "$out/scale_$name" --no-progress \
           2>&1 | tee "$out/scale_$name.log"
+      ended=$(date +%s.%N)
       python3 scripts/run_timeline.py "$out/scale_$name/NVIDIA_H200/moetune-studies.journal" \
-          > "$out/timeline_$name.log" 2>&1 || true
+          --started "$started" --ended "$ended" > "$out/timeline_$name.log" 2>&1 || true
     done
     cat "$out"/timeline_*.log
     grep -H "^wall" "$out"/scale_*.log ;;

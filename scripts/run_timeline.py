@@ -6,7 +6,10 @@ For each process (the `device` label of `run --devices`, else host:pid): its tri
 studies it took part in, the time from the run's first trial to its own first and last
 trial, the time its device spent in trials, and the gaps at the start of its studies (from
 the end of its last trial in one study to the start of its first in the next: asking and
-the first compile). Then, per batch size, which processes ran its trials.
+the first compile). Then, per batch size, which processes ran its trials. With --started
+and --ended (the run's start and end, in seconds since the epoch, e.g. `date +%s.%N`): the
+time before the first trial was asked, from then to the first trial done, and after the
+last trial done.
 """
 
 from __future__ import annotations
@@ -21,14 +24,19 @@ import optuna
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("journal", help="a moetune-studies.journal file")
+    parser.add_argument("--started", type=float, help="when the run started, seconds since the epoch")
+    parser.add_argument("--ended", type=float, help="when the run ended, seconds since the epoch")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(args.journal))
     runs = []  # (process, study name, start, end)
+    first_asked = None
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         for trial in study.get_trials(deepcopy=False):
             worker = trial.user_attrs.get("worker") or {}
+            if trial.datetime_start is not None and (first_asked is None or trial.datetime_start < first_asked):
+                first_asked = trial.datetime_start
             if trial.user_attrs.get("status") != "measured" or trial.datetime_complete is None:
                 continue
             who = worker.get("device") or f"{worker.get('host')}:{worker.get('pid')}"
@@ -55,6 +63,12 @@ def main() -> None:
         studies = len({name for _, _, name in trials})
         print(f"{who:>14s} {len(trials):6d} {studies:7d} {since(trials[0][0]):8.1f} {since(trials[-1][1]):7.1f} "
               f"{sum(gaps):12.1f} {statistics.median(gaps) if gaps else 0.0:12.2f}")
+    if args.started is not None and args.ended is not None:
+        first_done = min(end for _, _, _, end in runs).timestamp()
+        last_done = max(end for _, _, _, end in runs).timestamp()
+        print(f"\nstart -> first trial asked {first_asked.timestamp() - args.started:.1f} s, "
+              f"-> first trial done {first_done - first_asked.timestamp():.1f} s; "
+              f"last trial done -> end {args.ended - last_done:.1f} s; wall {args.ended - args.started:.1f} s")
     print("\nbatch size: trials per process")
     per_batch = defaultdict(lambda: defaultdict(int))
     for who, name, _, _ in runs:
