@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of vLLM/SGLang config files to warm-start from")
     parser.add_argument("--compile-workers", type=int, default=None,
                         help="processes compiling candidates ahead, per GPU (default: the CPU cores "
-                             "but one, shared by the --devices, at most 16 per GPU)")
+                             "shared by the --devices, at most 16 per GPU)")
     parser.add_argument("--devices", default=None, metavar="0,1,...",
                         help="GPUs to tune on, one worker process each, sharing the studies (default: the "
                              "current GPU); without a GPU, each is one more interpreter process")
