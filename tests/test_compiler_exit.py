@@ -106,3 +106,19 @@ def test_compiles_given_a_compute_capability_never_ask_cuda(monkeypatch):
         assert driver._active.get_current_target() == GPUTarget("cuda", 80, 32)
     finally:
         driver._active = before
+
+
+def test_a_compile_only_driver_that_cannot_be_built_leaves_the_compile_to_the_gpu_s_driver(monkeypatch):
+    import moetune.kernels
+    import moetune.tune as tune
+
+    def unbuildable(capability):
+        raise TypeError("this Triton's driver takes other arguments")
+
+    compiled = []
+    monkeypatch.setattr(tune, "compile_only_driver", unbuildable)
+    monkeypatch.setattr(moetune.kernels, "compile_grouped_gemm", lambda *args, **kwargs: compiled.append(args))
+    request = BatchBench(*make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0)),
+                         5, 2, seed=1).compile_request("gemm1", CONFIG["BLOCK_SIZE_M"])
+    assert tune._compile_job(request, CONFIG, (9, 0)) >= 0
+    assert len(compiled) == 1
