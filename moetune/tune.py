@@ -718,7 +718,6 @@ class TuningRun:
         self.benches = Benches(settings)
         self.studies: dict[tuple, RoleStudy] = {}  # (shape key, M, role) -> study
         self.visited: set[tuple] = set()  # the studies the walk opened (or asked ahead in)
-        self.batches_started: set[tuple] = set()  # (shape key, M) whose default configs were sent to compile
         self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
         self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
         self.best: dict[tuple, list[dict]] = {}  # (shape key, M, role) -> best configs found here
@@ -768,8 +767,8 @@ class TuningRun:
                     # this walk's earlier ones. The one just finished is left to the next batch
                     # size's idle moments, where its layer timing costs the GPU no time it
                     # could have spent on trials.
-                    self._write_settled((self._look_up(shape, m, r) for m in self.settings.batch_sizes
-                                         for r in self.roles), keep=(_shape_key(shape), M))
+                    for batch in list(self._settled_batches(keep=(_shape_key(shape), M))):
+                        self._write(*batch)
         finally:
             for runner in self.studies.values():
                 runner.abandon()  # trials asked ahead for a study the walk did not reach
@@ -780,8 +779,8 @@ class TuningRun:
         key = (_shape_key(shape), M, role)
         if key in self.visited:
             return self.studies[key]
-        if (_shape_key(shape), M) not in self.batches_started:
-            self._compile_defaults(shape, M)
+        if not any((_shape_key(shape), M, other) in self.visited for other in self.roles):
+            self._compile_defaults(shape, M)  # the batch size's first study
         warm = warm_starts(role, M, shape, self._neighbour_best(shape, M, role), self._baseline(shape),
                            self.settings.device.shared_memory_bytes)
         runner = self._open(shape, M, role, warm)
@@ -795,7 +794,6 @@ class TuningRun:
         """Ahead of a batch size's first trials: the default config of each role, which the
         checks run in the roles not tuned, and the launchers of the roles' signatures, so
         that preparing the batch size (_prepare) loads them instead of compiling."""
-        self.batches_started.add((_shape_key(shape), M))
         config = default_config(M, shape.E, shape.N, shape.K, shape.topk)
         dtype = TORCH_DTYPES[self.settings.dtype]
         for role in self.roles:
@@ -816,19 +814,26 @@ class TuningRun:
 
     def _write_next_settled(self) -> bool:
         """Write the first batch size whose roles all settled, looking at most every
-        SETTLED_LOOK_S (a look reads every unwritten study); False if none was written."""
+        SETTLED_LOOK_S (a look reads the unwritten studies); False if none was written."""
         if not self.write_tables or time.monotonic() < self.next_look:
             return False
         self.next_look = time.monotonic() + SETTLED_LOOK_S
+        batch = next(self._settled_batches(), None)
+        if batch is not None:
+            self._write(*batch)
+        return batch is not None
+
+    def _settled_batches(self, keep: tuple | None = None):
+        """(shape, M) of each unwritten batch size, but `keep` (a shape key and M), whose roles
+        have all settled, whichever process tuned them; a batch size's roles are read only
+        until one is found unsettled."""
         for shape in self.settings.shapes:
-            for M in self.settings.batch_sizes:
-                if (_shape_key(shape), M) in self.written:
+            for M in sorted(self.settings.batch_sizes):
+                if (_shape_key(shape), M) in self.written or (_shape_key(shape), M) == keep:
                     continue
                 runners = (self._look_up(shape, M, role) for role in self.roles)
                 if all(runner is not None and runner.settled() for runner in runners):
-                    self._write(shape, M)
-                    return True
-        return False
+                    yield shape, M
 
     def _prepare(self, batches: list[tuple[MoEShape, int]]) -> bool:
         """One step of what the GPU would otherwise wait for at the start of a batch size,
@@ -913,11 +918,10 @@ class TuningRun:
             if not ran:
                 time.sleep(min(WAIT_POLL_S, self.settings.heartbeat_s))
 
-    def _write_settled(self, runners, keep: tuple | None = None) -> list[RoleStudy]:
+    def _write_settled(self, runners) -> list[RoleStudy]:
         """Look once at each of `runners` (None: a study nobody created yet) and, if this
-        process writes tables, write every batch size whose roles were all found settled,
-        but `keep` (a shape key and batch size); returns the unsettled runners of batch sizes
-        not written."""
+        process writes tables, write every batch size whose roles were all found settled;
+        returns the unsettled runners of batch sizes not written."""
         settled, unsettled = set(), []
         for runner in runners:
             if runner is None or (_shape_key(runner.shape), runner.M) in self.written:
@@ -929,8 +933,7 @@ class TuningRun:
         if self.write_tables:
             for shape in self.settings.shapes:
                 for M in sorted(self.settings.batch_sizes):
-                    if (_shape_key(shape), M) != keep and all((_shape_key(shape), M, role) in settled
-                                                              for role in self.roles):
+                    if all((_shape_key(shape), M, role) in settled for role in self.roles):
                         self._write(shape, M)
         return unsettled
 

@@ -19,7 +19,7 @@ from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes,
 from .space import load_space
 from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
 from .tables import VARIANTS
-from .workers import _visible_device, device_of, parse_devices
+from .workers import device_of, parse_devices, visible_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     forked = None
     if len(devices) > 1 and fork_is_safe():
         gpu = _has_gpu()
-        forked = ForkedWorkers([_visible_device(index) if gpu else None for index in devices],
+        forked = ForkedWorkers([visible_device(index) if gpu else None for index in devices],
                                _early_compile_workers(args, len(devices)), gpu)
     # One process: its compile processes start now, forked before it touches the GPU.
     compiler = _early_compiler(args) if len(devices) == 1 else None

@@ -61,7 +61,7 @@ def device_of(devices: list[int]) -> DeviceInfo:
     return first
 
 
-def _visible_device(index: int) -> str | None:
+def visible_device(index: int) -> str | None:
     """CUDA_VISIBLE_DEVICES of a worker on GPU `index`, counted within what this process
     sees; None if it sees no such GPU (the device check refuses the run)."""
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -78,7 +78,7 @@ def _only_gpu(index: int | None):
         yield
         return
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = _visible_device(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(index)
     try:
         yield
     finally:

@@ -376,6 +376,6 @@ def test_a_worker_on_a_gpu_this_process_does_not_see_gets_no_cuda_visible_device
     import moetune.workers as workers
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert [workers._visible_device(index) for index in range(3)] == ["2", "3", None]
+    assert [workers.visible_device(index) for index in range(3)] == ["2", "3", None]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert workers._visible_device(4) == "4"
+    assert workers.visible_device(4) == "4"
