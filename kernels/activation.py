@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -38,6 +40,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if rows == 0:
         return out
     block_n = min(1024, triton.next_power_of_2(n))
-    _silu_and_mul_kernel[(rows, triton.cdiv(n, block_n))](
+    launch(_silu_and_mul_kernel, (rows, triton.cdiv(n, block_n)))(
         x, out, n, x.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=4 if block_n >= 512 else 1)
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _count_kernel(
@@ -103,11 +105,11 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_size_m: int) ->
     cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
 
     block = 1024
-    _count_kernel[(triton.cdiv(max(numel, capacity), block),)](
+    launch(_count_kernel, (triton.cdiv(max(numel, capacity), block),))(
         ids, counts, sorted_ids, numel, capacity, num_experts, BLOCK=block)
     block_e = max(16, triton.next_power_of_2(num_experts))
-    _offsets_kernel[(1,)](
+    launch(_offsets_kernel, (1,))(
         counts, cursor, expert_ids, padded_rows, num_experts, max_blocks,
         BLOCK_SIZE_M=block_size_m, BLOCK_E=block_e, BLOCK_B=max(16, 8192 // block_e))
-    _scatter_kernel[(triton.cdiv(numel, block),)](ids, cursor, sorted_ids, numel, num_experts, BLOCK=block)
+    launch(_scatter_kernel, (triton.cdiv(numel, block),))(ids, cursor, sorted_ids, numel, num_experts, BLOCK=block)
     return AlignedTokens(sorted_ids, expert_ids, padded_rows, block_size_m)

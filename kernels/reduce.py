@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _topk_sum_kernel(
@@ -38,7 +40,7 @@ def topk_sum(cache: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out:
     if m == 0:
         return out
     block_k = min(1024, triton.next_power_of_2(k))
-    _topk_sum_kernel[(m, triton.cdiv(k, block_k))](
+    launch(_topk_sum_kernel, (m, triton.cdiv(k, block_k)))(
         cache, topk_ids, out, k, num_experts,
         cache.stride(0), cache.stride(1), out.stride(0),
         TOPK=topk, BLOCK_TOPK=triton.next_power_of_2(topk), BLOCK_K=block_k,

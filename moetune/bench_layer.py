@@ -22,6 +22,7 @@ from .configs import default_config
 from .kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
 from .kernels.align import AlignedTokens
 from .kernels.grouped_gemm import GemmGeometry
+from .kernels.launch import compile_only
 from .layer import align_for, run_aligned
 from .reference import TOLERANCE, moe_reference, relative_error
 
@@ -77,6 +78,41 @@ def role_compile_request(role: str, M: int, E: int, N: int, K: int, topk: int, d
     return CompileRequest(dtype, geometry, topk, topk if role == "gemm1" else 1, role != "gemm1", atomic_add)
 
 
+class HelperRequest(NamedTuple):
+    """The kernels the checks launch at one batch size besides the GEMMs: the alignment at
+    `block_size_m`, or with None the activation and the top-k sum; picklable."""
+    M: int
+    E: int
+    N: int
+    K: int
+    topk: int
+    dtype: torch.dtype
+    block_size_m: int | None
+
+
+def helper_requests(M: int, E: int, N: int, K: int, topk: int, dtype: torch.dtype,
+                    block_sizes_m) -> list[HelperRequest]:
+    """One request per alignment, then the rest: each can compile in a process of its own."""
+    return [HelperRequest(M, E, N, K, topk, dtype, block_size_m) for block_size_m in block_sizes_m] + \
+        [HelperRequest(M, E, N, K, topk, dtype, None)]
+
+
+def compile_helpers(request: HelperRequest) -> list:
+    """Compile, without launching, what BatchBench launches besides the GEMMs: the same
+    launchers, called on meta tensors laid out as BatchBench's (see kernels/launch.py).
+    Returns Triton's compiled kernels."""
+    r = request
+    meta = functools.partial(torch.empty, device="meta")
+    topk_ids = meta(r.M, r.topk, dtype=torch.int32)
+    with compile_only() as compiled:
+        if r.block_size_m is not None:
+            align_tokens(topk_ids, r.E, r.block_size_m)
+        else:
+            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype))
+            topk_sum(meta(r.M, r.topk, r.K, dtype=r.dtype), topk_ids, r.E, meta(r.M, r.K, dtype=r.dtype))
+    return compiled
+
+
 @dataclass
 class BatchBench:
     """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device."""
@@ -99,10 +135,14 @@ class BatchBench:
         rows = self.M * self.topk
         device, dtype = self.w1.device, self.w1.dtype
         self.gate_up = torch.empty(rows, 2 * self.N, dtype=dtype, device=device)
-        self.activation = silu_and_mul(torch.randn(rows, 2 * self.N, dtype=dtype, device=device))
+        # GEMM 2's input, shaped like an activation's values; computed by torch, so that
+        # building the inputs launches no kernel of ours (those may still be compiling).
+        gate, up = torch.randn(rows, 2 * self.N, device=device).chunk(2, dim=1)
+        self.activation = (torch.nn.functional.silu(gate) * up).to(dtype)
         self.down = torch.empty(self.M, self.topk, self.K, dtype=dtype, device=device)
         self.out = torch.empty(self.M, self.K, dtype=dtype, device=device)
         self._aligned: dict[int, AlignedTokens] = {}
+        self.warmed = False
 
     # -- one role: its operands decide both what runs and what other processes compile --------
     def _operands(self, role: str) -> RoleOperands:
@@ -123,6 +163,7 @@ class BatchBench:
         alignment at each BLOCK_SIZE_M, the activation, the top-k sum and the default configs
         of the roles not tuned. A failure here is left to the trial that meets it, which
         reports it with its config."""
+        self.warmed = True
         try:
             for block_size_m in block_sizes_m:
                 self._aligned_for(block_size_m)

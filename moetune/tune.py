@@ -42,7 +42,8 @@ from typing import Callable
 
 import torch
 
-from .bench_layer import ROLE_VARIANT, ROLES, BatchBench, CompileRequest, role_compile_request
+from .bench_layer import (ROLE_VARIANT, ROLES, BatchBench, CompileRequest, HelperRequest, compile_helpers,
+                          helper_requests, role_compile_request)
 from .bench import interleaved_times, make_weights
 from .configs import CONFIG_KEYS, check_config, default_config
 from .device import DeviceInfo, fork_is_safe, forked_after_cuda, torch_device
@@ -127,19 +128,37 @@ def _compile_job(request: CompileRequest, config: dict, capability: tuple[int, i
     from moetune.kernels import compile_grouped_gemm
 
     start = time.perf_counter()
+    _use_target(capability)
+    kernel = compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
+                                  a_rows_per_slot=request.a_rows_per_slot,
+                                  mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add)
+    if launcher and kernel is not None:
+        _build_launchers([kernel])
+    return time.perf_counter() - start
+
+
+def _compile_helpers_job(request: HelperRequest, capability: tuple[int, int] | None = None) -> float:
+    """Runs in a worker process: compile a batch size's helper kernels (compile_helpers) and
+    their launchers, which the tuning process would otherwise build at its first check."""
+    start = time.perf_counter()
+    _use_target(capability)
+    _build_launchers(compile_helpers(request))
+    return time.perf_counter() - start
+
+
+def _use_target(capability: tuple[int, int] | None) -> None:
     if capability is not None:
         try:
             _compile_for(capability)
         except Exception:  # noqa: BLE001 - a Triton without that driver's shape: ask the GPU, as before
             pass
-    kernel = compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
-                                  a_rows_per_slot=request.a_rows_per_slot,
-                                  mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add)
-    if launcher and kernel is not None:
-        from triton.runtime import driver
 
+
+def _build_launchers(kernels) -> None:
+    from triton.runtime import driver
+
+    for kernel in kernels:
         driver.active.launcher_cls(kernel.src, kernel.metadata)
-    return time.perf_counter() - start
 
 
 def _compile_for(capability: tuple[int, int]) -> None:
@@ -194,6 +213,15 @@ def _start_compile_process(ready) -> None:
         os.nice(COMPILE_NICENESS)
 
 
+def _hash_triton() -> None:
+    """Triton hashes its own files, its 400 MB library among them, before a process's first
+    compile. Done once here, the processes forked after inherit the hash: dozens of
+    processes hashing at once each spent a few tenths of a second of CPU on it."""
+    from triton.runtime.cache import triton_key
+
+    triton_key()
+
+
 def _started() -> bool:
     """One job per process makes the pool start them all at once."""
     return True
@@ -228,6 +256,8 @@ class Compiler:
     def _start(self, method: str) -> None:
         import multiprocessing
 
+        if method == "fork":
+            _hash_triton()
         context = multiprocessing.get_context(method)
         self.ready = context.Queue()
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
@@ -259,6 +289,14 @@ class Compiler:
         if not self.checked:
             self._check_fork()
         return self.pool.submit(_compile_job, request, config, self.capability, launcher)
+
+    def submit_helpers(self, request: HelperRequest) -> Future | None:
+        """Compile a batch size's helper kernels ahead (see _compile_helpers_job)."""
+        if self.pool is None:
+            return None
+        if not self.checked:
+            self._check_fork()
+        return self.pool.submit(_compile_helpers_job, request, self.capability)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -720,6 +758,7 @@ class TuningRun:
         self.visited: set[tuple] = set()  # the studies the walk opened (or asked ahead in)
         self.shown: dict[tuple, int] = {}  # trials counted on the progress bar, per study
         self.written: dict[tuple, dict] = {}  # (shape key, M) -> table entry
+        self.helpers: dict[tuple, list[Future]] = {}  # (shape key, M) -> its helper kernels' compiles
         self.best: dict[tuple, list[dict]] = {}  # (shape key, M, role) -> best configs found here
         self.baselines: dict[tuple, object] = {}  # shape key -> baseline table configs
         self.paths: list[Path] = []
@@ -792,14 +831,30 @@ class TuningRun:
 
     def _compile_defaults(self, shape: MoEShape, M: int) -> None:
         """Ahead of a batch size's first trials: the default config of each role, which the
-        checks run in the roles not tuned, and the launchers of the roles' signatures, so
-        that preparing the batch size (_prepare) loads them instead of compiling."""
+        checks run in the roles not tuned, the launchers of the roles' signatures, and the
+        helper kernels with theirs, so that preparing the batch size (_prepare) and its
+        first checks load them instead of compiling."""
         config = default_config(M, shape.E, shape.N, shape.K, shape.topk)
         dtype = TORCH_DTYPES[self.settings.dtype]
+        helpers = helper_requests(M, shape.E, shape.N, shape.K, shape.topk, dtype,
+                                  self.settings.space.values["BLOCK_SIZE_M"])
+        futures = [self.compiler.submit_helpers(request) for request in helpers]
+        self.helpers[(_shape_key(shape), M)] = [future for future in futures if future is not None]
         for role in self.roles:
             request = role_compile_request(role, M, shape.E, shape.N, shape.K, shape.topk, dtype,
                                            config["BLOCK_SIZE_M"])
             self.compiler.submit(request, config, launcher=True)
+
+    def _helpers_compiled(self, shape: MoEShape, M: int) -> bool:
+        return all(future.done() for future in self.helpers.get((_shape_key(shape), M), ()))
+
+    def _bench(self, shape: MoEShape, M: int) -> BatchBench:
+        """The batch size's inputs, for a check: once its helper kernels, compiled ahead, are
+        ready to load, or this process would compile them itself."""
+        futures = self.helpers.pop((_shape_key(shape), M), ())
+        if futures:
+            wait(futures, timeout=COMPILE_TIMEOUT_S)
+        return self.benches.get(shape, M)
 
     def _ask_ahead(self, visit: tuple, visits_left: int, free: int) -> None:
         """The next study's first trials, into the `free` compile slots the current one no
@@ -838,11 +893,17 @@ class TuningRun:
     def _prepare(self, batches: list[tuple[MoEShape, int]]) -> bool:
         """One step of what the GPU would otherwise wait for at the start of a batch size,
         taken while it waits for compiles: build the first of `batches` not built yet (its
-        inputs, the float64 reference) and load the kernels its checks run besides the
-        candidates. Returns False when all are built."""
+        inputs, the float64 reference), or load the kernels its checks run besides the
+        candidates once they are compiled. Returns False when nothing is left to do now."""
         for shape, M in batches:
-            if (_shape_key(shape), M) not in self.written and not self.benches.holds(shape, M):
-                self.benches.get(shape, M).warm_up(self.settings.space.values["BLOCK_SIZE_M"])
+            if (_shape_key(shape), M) in self.written:
+                continue
+            if not self.benches.holds(shape, M):
+                self.benches.get(shape, M)
+                return True
+            bench = self.benches.get(shape, M)
+            if not bench.warmed and self._helpers_compiled(shape, M):
+                self._bench(shape, M).warm_up(self.settings.space.values["BLOCK_SIZE_M"])
                 return True
         return False
 
@@ -889,7 +950,7 @@ class TuningRun:
             study, created = share.load(self.storage, name, sampler), False
             if study is None:
                 return None
-        runner = RoleStudy(study, role, shape, M, self.settings, lambda: self.benches.get(shape, M), self.compiler,
+        runner = RoleStudy(study, role, shape, M, self.settings, lambda: self._bench(shape, M), self.compiler,
                            self.clock, self.heartbeat, lambda counted: self._progress(key, counted))
         runner.created = created
         self.studies[key] = runner

@@ -121,6 +121,8 @@ def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: b
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     # They set up while the parent checks the run's settings.
     compiler = compiler_for(compile_workers, gpu) if not forked_after_cuda() else None
+    if compiler is not None and gpu:
+        _set_cuda_up()
     try:
         try:
             job = connection.recv()
@@ -142,6 +144,16 @@ def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: b
     finally:
         if compiler is not None:
             compiler.close()
+
+
+def _set_cuda_up() -> None:
+    """Initialize CUDA now, its compile processes forked, while the parent checks the run
+    (and initializes CUDA itself): the tuner needs it first thing. A failure is left to the
+    tuner, which meets it again and reports it."""
+    try:
+        torch.cuda.init()
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 class ForkedWorkers:

@@ -47,6 +47,23 @@ def test_compile_processes_are_forked_when_nothing_here_touched_cuda(single_thre
         compiler.close()
 
 
+def triton_hashes_held() -> int:
+    from triton.runtime.cache import triton_key
+
+    return triton_key.cache_info().currsize
+
+
+def test_forked_compile_processes_inherit_triton_s_hash_of_itself(single_threaded):
+    from triton.runtime.cache import triton_key
+
+    triton_key.cache_clear()
+    compiler = Compiler(1)
+    try:
+        assert compiler.pool.submit(triton_hashes_held).result(timeout=60) == 1
+    finally:
+        compiler.close()
+
+
 def test_forked_compile_processes_where_cuda_refuses_are_replaced_by_spawned_ones(single_threaded, monkeypatch):
     import moetune.tune as tune
 

@@ -347,9 +347,9 @@ def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch
     assert "3 workers (interpreter processes 3,5,7)" in capsys.readouterr().out
 
 
-def test_forked_workers_start_their_compile_processes_before_their_settings_come(tmp_path, monkeypatch,
+def test_forked_workers_start_their_compile_processes_then_cuda_before_their_settings_come(tmp_path, monkeypatch,
                                                                                  single_threaded):
-    """So that the compile processes set up while the parent checks the run."""
+    """So that the compile processes and CUDA set up while the parent checks the run."""
     import time
 
     import moetune.tune as tune
@@ -359,16 +359,23 @@ def test_forked_workers_start_their_compile_processes_before_their_settings_come
         (tmp_path / f"{os.getpid()}.started").write_text(f"{compile_workers} {gpu} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
         return tune.Compiler(0)
 
+    def set_cuda_up():  # then CUDA, also before the settings
+        assert (tmp_path / f"{os.getpid()}.started").exists(), "CUDA set up before the compile processes forked"
+        (tmp_path / f"{os.getpid()}.cuda").write_text(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
     monkeypatch.setattr(tune, "compiler_for", compiler_for)
+    monkeypatch.setattr(workers, "_set_cuda_up", set_cuda_up)
     forked = workers.ForkedWorkers(["3", "5"], compile_workers=7, gpu=True)
     try:
         deadline = time.monotonic() + 30
-        while len(list(tmp_path.glob("*.started"))) < 2 and time.monotonic() < deadline:
+        while len(list(tmp_path.glob("*.cuda"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         seen = sorted(path.read_text() for path in tmp_path.glob("*.started"))
+        cuda = sorted(path.read_text() for path in tmp_path.glob("*.cuda"))
     finally:
         forked.release()  # no settings: they exit
     assert seen == ["7 True 3", "7 True 5"]
+    assert cuda == ["3", "5"]
     assert all(process.exitcode == 0 for process, _ in forked.workers)
 
 
