@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UsageError
@@ -52,5 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run_command() -> None:
+    """The `moetune` command: main, then exit without the interpreter's teardown. After a
+    tune that teardown (a CUDA context holding every kernel loaded, and the objects of
+    torch, Triton and Optuna) took 0.6-1.1 s on an H200 host, with all work done: the
+    tables are written and closed, each journal entry synced, the compile processes and
+    GPU workers ended. An error that escapes main leaves the usual way, traceback first."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

@@ -802,15 +802,19 @@ class TuningRun:
                 if result is not None:
                     self.best[(_shape_key(shape), M, role)] = [config for _, config in result.ranked[:3]]
                 if self.write_tables and role == self.roles[-1]:
-                    # What the idle moments left: batch sizes that other processes settled, and
-                    # this walk's earlier ones. The one just finished is left to the next batch
-                    # size's idle moments, where its layer timing costs the GPU no time it
-                    # could have spent on trials.
-                    for batch in list(self._settled_batches(keep=(_shape_key(shape), M))):
+                    for batch in list(self._settled_batches(keep=self._kept_for_later(shape, M))):
                         self._write(*batch)
         finally:
             for runner in self.studies.values():
                 runner.abandon()  # trials asked ahead for a study the walk did not reach
+
+    def _kept_for_later(self, shape: MoEShape, M: int) -> tuple | None:
+        """Which batch size, of those settled, the walk leaves unwritten as it finishes batch
+        size M: alone, M itself, for the next batch size's idle moments, where its layer
+        timing costs the GPU no time it could spend on trials. Among other GPUs' workers,
+        none: a write put off piles up with the others' batch sizes and is left for the end,
+        where those GPUs have nothing to do but wait for it."""
+        return (_shape_key(shape), M) if self.settings.walk_count == 1 else None
 
     def _visit(self, shape: MoEShape, M: int, role: str, visits_left: int) -> RoleStudy:
         """The study, opened on the first visit (warm starts queued, its share of the time

@@ -64,6 +64,24 @@ def test_rerun_adds_batch_sizes_to_the_table_and_repeats_no_trial(tmp_path):
     assert sorted(read_table(tmp_path / "cpu" / TABLE)["batch_sizes"]) == [1, 4]
 
 
+def test_the_command_ends_with_its_exit_code_and_all_its_output(tmp_path):
+    """It leaves without the interpreter's teardown: what it printed into a pipe still arrives."""
+    command = [sys.executable, "-m", "moetune", "run", *TINY, "--batch-sizes", "4", "--trials", "2",
+               "--variants", "unfused", "--out-dir", str(tmp_path), "--no-progress", "--compile-workers", "0"]
+    # Buffered output, as Python buffers a pipe unless told otherwise.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0].startswith("tuning ")
+    assert result.stdout.splitlines()[-1] == f"wrote {tmp_path / 'cpu' / TABLE}"
+    assert sorted(read_table(tmp_path / "cpu" / TABLE)["batch_sizes"]) == [4]
+    refused = subprocess.run([*command[:4], "--E", "4", "--topk", "9"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr == "moetune: error: --E (4) must be at least --topk (9)\n"
+
+
 def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
     command = [sys.executable, "-m", "moetune", "run", *TINY, "--batch-sizes", "4", "--trials", "6",
                "--out-dir", str(tmp_path), "--no-progress", "--compile-workers", "0"]

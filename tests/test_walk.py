@@ -57,19 +57,8 @@ TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32", "--
 TABLE = "E=4,N=32,K=64,topk=2,dtype=fp16.json"
 
 
-def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_them(tmp_path, monkeypatch):
-    """A worker settles M=1; the writer, walking down from M=8, writes M=1 right after its own
-    M=8, before it visits M=1 and before it waits for anything. Its own M=8 waits for the
-    next batch size (for its idle moments, where there are compile processes)."""
-    parser = build_parser()
-    worker_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1", "--worker", "--out-dir", str(tmp_path)])
-    worker, _ = build_settings(worker_args)
-    assert tune_module.tune(worker, log=lambda line: None, write_tables=False) == []
-
-    writer_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1,8", "--out-dir", str(tmp_path)])
-    writer, _ = build_settings(writer_args)
-    writer = replace(writer, walk_slot=0, walk_count=2)  # the first of two: walks down from M=8
-
+def record_walk(monkeypatch) -> list:
+    """("tune", M, role) for each study run and ("write", M) for each batch size written."""
     events = []
     real_run, real_write = tune_module.RoleStudy.run, tune_module.TuningRun._write
 
@@ -80,13 +69,42 @@ def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_th
     monkeypatch.setattr(tune_module.RoleStudy, "run", run)
     monkeypatch.setattr(tune_module.TuningRun, "_write",
                         lambda run, shape, M: events.append(("write", M)) or real_write(run, shape, M))
+    return events
+
+
+ROLES = ["gemm1", "gemm2_unfused", "gemm2_fused"]
+
+
+def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_them(tmp_path, monkeypatch):
+    """A worker settles M=1; the writer, walking down from M=8, writes M=1 right after its own
+    M=8, before it visits M=1 and before it waits for anything. Its own M=8 it writes at once
+    too: with other GPUs' workers, a write put off is one left for the end."""
+    parser = build_parser()
+    worker_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1", "--worker", "--out-dir", str(tmp_path)])
+    worker, _ = build_settings(worker_args)
+    assert tune_module.tune(worker, log=lambda line: None, write_tables=False) == []
+
+    writer_args = parser.parse_args(["run", *TINY, "--batch-sizes", "1,8", "--out-dir", str(tmp_path)])
+    writer, _ = build_settings(writer_args)
+    writer = replace(writer, walk_slot=0, walk_count=2)  # the first of two: walks down from M=8
+    events = record_walk(monkeypatch)
     written = tune_module.tune(writer, log=lambda line: None)
 
-    roles = ["gemm1", "gemm2_unfused", "gemm2_fused"]
-    assert events == [*[("tune", 8, role) for role in roles], ("write", 1),
-                      *[("tune", 1, role) for role in roles], ("write", 8)]
+    assert events == [*[("tune", 8, role) for role in ROLES], ("write", 1), ("write", 8),
+                      *[("tune", 1, role) for role in ROLES]]
     assert written == [tmp_path / "cpu" / TABLE]
     assert sorted(read_table(written[0])["batch_sizes"]) == [1, 8]
+
+
+def test_alone_the_walk_leaves_the_batch_size_just_tuned_for_the_next_one_s_idle_moments(tmp_path, monkeypatch):
+    """Alone, M=1 is written only after M=8's trials (in whose idle moments it would have
+    been, had there been compile processes to wait for)."""
+    args = build_parser().parse_args(["run", *TINY, "--batch-sizes", "1,8", "--out-dir", str(tmp_path)])
+    settings, _ = build_settings(args)
+    events = record_walk(monkeypatch)
+    tune_module.tune(settings, log=lambda line: None)
+    assert events == [*[("tune", 1, role) for role in ROLES], *[("tune", 8, role) for role in ROLES],
+                      ("write", 1), ("write", 8)]
 
 
 def test_in_its_idle_moments_the_writer_writes_a_batch_size_others_settled(tmp_path):
