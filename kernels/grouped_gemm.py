@@ -207,4 +207,4 @@ def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dic
     with compile_only() as compiled:
         _launch(pointers, geometry, config, weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk,
                 mul_routed_weight=mul_routed_weight, atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False)
-    return compiled[0] if compiled else None  # None: a launch stood in for by a test
+    return compiled[0] if compiled else None  # None: `launch` was replaced by one that compiles nothing

@@ -217,9 +217,12 @@ def _hash_triton() -> None:
     """Triton hashes its own files, its 400 MB library among them, before a process's first
     compile. Done once here, the processes forked after inherit the hash: dozens of
     processes hashing at once each spent a few tenths of a second of CPU on it."""
-    from triton.runtime.cache import triton_key
+    try:
+        from triton.runtime.cache import triton_key
 
-    triton_key()
+        triton_key()
+    except Exception:  # noqa: BLE001 - a Triton without it: each process hashes as before
+        pass
 
 
 def _started() -> bool:
