@@ -17,7 +17,9 @@
 #   tune-2gpu      the Qwen3 tune on two GPUs (--devices 0,1), wall time (docs/tuning.md)
 #   scale          on a host with two GPUs: the Qwen3 tune on GPU 0 alone, then on both, each
 #                  with an empty Triton cache of its own; both wall times, and each run's
-#                  timeline from its journal (scripts/run_timeline.py; docs/tuning.md)
+#                  timeline from its journal (scripts/run_timeline.py; docs/tuning.md).
+#                  SCALE_RUNS=n (default 1) takes n such pairs on the one host, in
+#                  OUT_DIR/pair_1..n: hosts differ more than code changes often do
 set -euo pipefail
 step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | sweep | tune-2gpu | scale}
 out=${2:-out}
@@ -70,21 +72,33 @@ case "$step" in
     timed moetune run --gpu H200 --model Qwen3-30B-A3B --baseline-configs "$baseline" --devices 0,1 \
         --out-dir "$out/tuned_2gpu" --no-progress 2>&1 | tee "$out/tune_qwen3_2gpu.log" ;;
   scale)
-    root=$(cd "$out" && pwd)  # compile workers may start elsewhere: an absolute cache path
     # Read the libraries once, so that neither run pays for a cold disk cache the other does not.
     python3 -c "import moetune.tune, optuna"
-    for devices in 0 0,1; do
-      name=${devices/,/_}
-      started=$(date +%s.%N)
-      TRITON_CACHE_DIR="$root/triton_cache_$name" timed moetune run --gpu H200 --model Qwen3-30B-A3B \
-          --baseline-configs "$baseline" --devices "$devices" --out-dir "$out/scale_$name" --no-progress \
-          2>&1 | tee "$out/scale_$name.log"
-      ended=$(date +%s.%N)
-      python3 scripts/run_timeline.py "$out/scale_$name/NVIDIA_H200/moetune-studies.journal" \
-          --started "$started" --ended "$ended" > "$out/timeline_$name.log" 2>&1 || true
+    runs=${SCALE_RUNS:-1}
+    for pair in $(seq 1 "$runs"); do
+      dir=$out
+      [ "$runs" = 1 ] || dir=$out/pair_$pair
+      mkdir -p "$dir"
+      root=$(cd "$dir" && pwd)  # compile workers may start elsewhere: an absolute cache path
+      for devices in 0 0,1; do
+        name=${devices/,/_}
+        started=$(date +%s.%N)
+        TRITON_CACHE_DIR="$root/triton_cache_$name" timed moetune run --gpu H200 --model Qwen3-30B-A3B \
+            --baseline-configs "$baseline" --devices "$devices" --out-dir "$dir/scale_$name" --no-progress \
+            2>&1 | tee "$dir/scale_$name.log"
+        ended=$(date +%s.%N)
+        python3 scripts/run_timeline.py "$dir/scale_$name/NVIDIA_H200/moetune-studies.journal" \
+            --started "$started" --ended "$ended" > "$dir/timeline_$name.log" 2>&1 || true
+      done
+      cat "$dir"/timeline_*.log
     done
-    cat "$out"/timeline_*.log
-    grep -H "^wall" "$out"/scale_*.log ;;
+    for pair in $(seq 1 "$runs"); do
+      dir=$out
+      [ "$runs" = 1 ] || dir=$out/pair_$pair
+      one=$(grep "^wall" "$dir/scale_0.log" | awk '{print $2}')
+      two=$(grep "^wall" "$dir/scale_0_1.log" | awk '{print $2}')
+      echo "pair $pair: 1 GPU $one s, 2 GPUs $two s, ratio $(python3 -c "print(f'{$one / $two:.3f}')")"
+    done ;;
   *)
     echo "unknown step: $step" >&2; exit 2 ;;
 esac
