@@ -119,46 +119,35 @@ def worker_salt() -> int:
 
 # -- compiling ahead ---------------------------------------------------------------------------
 
-def _compile_job(request: CompileRequest, config: dict, capability: tuple[int, int] | None = None,
-                 launcher: bool = False) -> float:
-    """Runs in a worker process: compile one candidate into Triton's on-disk cache, for a GPU
-    of compute `capability` (None: the GPU this process sees, which CUDA then sets up). With
-    `launcher`, also build the C launcher of the kernel's signature, which the timing
-    process would otherwise build (Triton caches it on disk too) at its first launch."""
-    from moetune.kernels import compile_grouped_gemm
+def _compile_job(build: Callable[[], list], capability: tuple[int, int] | None = None,
+                 launchers: bool = False) -> float:
+    """Runs in a worker process: `build()` compiles kernels into Triton's on-disk cache, for
+    a GPU of compute `capability` (None: the GPU this process sees, which CUDA then sets up).
+    With `launchers`, also build the C launchers of the kernels' signatures, which the
+    timing process would otherwise build (Triton caches them on disk too) at a first launch."""
+    from triton.runtime import driver
 
     start = time.perf_counter()
-    _use_target(capability)
-    kernel = compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
-                                  a_rows_per_slot=request.a_rows_per_slot,
-                                  mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add)
-    if launcher and kernel is not None:
-        _build_launchers([kernel])
-    return time.perf_counter() - start
-
-
-def _compile_helpers_job(request: HelperRequest, capability: tuple[int, int] | None = None) -> float:
-    """Runs in a worker process: compile a batch size's helper kernels (compile_helpers) and
-    their launchers, which the tuning process would otherwise build at its first check."""
-    start = time.perf_counter()
-    _use_target(capability)
-    _build_launchers(compile_helpers(request))
-    return time.perf_counter() - start
-
-
-def _use_target(capability: tuple[int, int] | None) -> None:
     if capability is not None:
         try:
             _compile_for(capability)
         except Exception:  # noqa: BLE001 - a Triton without that driver's shape: ask the GPU, as before
             pass
+    kernels = build()
+    if launchers:
+        for kernel in kernels:
+            driver.active.launcher_cls(kernel.src, kernel.metadata)
+    return time.perf_counter() - start
 
 
-def _build_launchers(kernels) -> None:
-    from triton.runtime import driver
+def _compile_candidate(request: CompileRequest, config: dict) -> list:
+    """One candidate's binary: [Triton's compiled kernel]."""
+    from moetune.kernels import compile_grouped_gemm
 
-    for kernel in kernels:
-        driver.active.launcher_cls(kernel.src, kernel.metadata)
+    kernel = compile_grouped_gemm(request.dtype, request.geometry, config, topk=request.topk,
+                                  a_rows_per_slot=request.a_rows_per_slot,
+                                  mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add)
+    return [kernel] if kernel is not None else []
 
 
 def _compile_for(capability: tuple[int, int]) -> None:
@@ -287,19 +276,19 @@ class Compiler:
 
     def submit(self, request: CompileRequest, config: dict, launcher: bool = False) -> Future | None:
         """Compile `config` ahead (and its launcher, see _compile_job); None without processes."""
-        if self.pool is None:
-            return None
-        if not self.checked:
-            self._check_fork()
-        return self.pool.submit(_compile_job, request, config, self.capability, launcher)
+        return self._submit(functools.partial(_compile_candidate, request, config), launcher)
 
     def submit_helpers(self, request: HelperRequest) -> Future | None:
-        """Compile a batch size's helper kernels ahead (see _compile_helpers_job)."""
+        """Compile a batch size's helper kernels ahead (bench_layer.compile_helpers), with their
+        launchers, which the tuning process would otherwise build at its first check."""
+        return self._submit(functools.partial(compile_helpers, request), True)
+
+    def _submit(self, build: Callable[[], list], launchers: bool) -> Future | None:
         if self.pool is None:
             return None
         if not self.checked:
             self._check_fork()
-        return self.pool.submit(_compile_helpers_job, request, self.capability)
+        return self.pool.submit(_compile_job, build, self.capability, launchers)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -905,12 +894,12 @@ class TuningRun:
         for shape, M in batches:
             if (_shape_key(shape), M) in self.written:
                 continue
-            if not self.benches.holds(shape, M):
-                self.benches.get(shape, M)
-                return True
+            built = self.benches.holds(shape, M)
             bench = self.benches.get(shape, M)
+            if not built:
+                return True
             if not bench.warmed and self._helpers_compiled(shape, M):
-                self._bench(shape, M).warm_up(self.settings.space.values["BLOCK_SIZE_M"])
+                bench.warm_up(self.settings.space.values["BLOCK_SIZE_M"])
                 return True
         return False
 

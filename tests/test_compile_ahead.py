@@ -10,7 +10,7 @@ import torch
 
 from moetune.bench import make_weights
 from moetune.bench_layer import ROLES, BatchBench, compile_helpers, helper_requests
-from moetune.tune import _compile_job
+from moetune.tune import _compile_candidate
 
 # The modules, not the functions kernels/__init__ re-exports under the same names.
 LAUNCHING_MODULES = [importlib.import_module(f"moetune.kernels.{name}")
@@ -49,7 +49,7 @@ def test_compile_request_matches_the_launch(role, monkeypatch):
     bench.role_call(role, CONFIG)()  # the launch the tuner times
     timed = [launch for launch in seen if launch[0] == "_grouped_gemm_kernel"]
     seen.clear()
-    _compile_job(bench.compile_request(role, CONFIG["BLOCK_SIZE_M"]), CONFIG)  # what a worker compiles
+    _compile_candidate(bench.compile_request(role, CONFIG["BLOCK_SIZE_M"]), CONFIG)  # what a worker compiles
     assert len(timed) == 1
     assert seen == timed
 

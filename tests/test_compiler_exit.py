@@ -4,6 +4,7 @@
 compile workers have, so a pool left running would hang the whole run at its end.
 """
 
+import functools
 import multiprocessing
 
 import torch
@@ -137,5 +138,5 @@ def test_a_compile_only_driver_that_cannot_be_built_leaves_the_compile_to_the_gp
     monkeypatch.setattr(moetune.kernels, "compile_grouped_gemm", lambda *args, **kwargs: compiled.append(args))
     request = BatchBench(*make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0)),
                          5, 2, seed=1).compile_request("gemm1", CONFIG["BLOCK_SIZE_M"])
-    assert tune._compile_job(request, CONFIG, (9, 0)) >= 0
+    assert tune._compile_job(functools.partial(tune._compile_candidate, request, CONFIG), (9, 0)) >= 0
     assert len(compiled) == 1
