@@ -124,12 +124,7 @@ def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: b
     if compiler is not None and gpu:
         _set_cuda_up()
     try:
-        try:
-            job = connection.recv()
-        except (EOFError, KeyboardInterrupt):
-            sys.exit(130)  # the parent went away or the terminal interrupted the run
-        finally:
-            connection.close()
+        job = _receive(connection)
         if job is None:
             return
         settings, write_tables = job
@@ -144,6 +139,16 @@ def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: b
     finally:
         if compiler is not None:
             compiler.close()
+
+
+def _receive(connection):
+    """The worker's (settings, write_tables), or None: the run was refused."""
+    try:
+        return connection.recv()
+    except (EOFError, KeyboardInterrupt):
+        sys.exit(130)  # the parent went away or the terminal interrupted the run
+    finally:
+        connection.close()
 
 
 def _set_cuda_up() -> None:

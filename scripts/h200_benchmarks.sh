@@ -75,9 +75,9 @@ case "$step" in
     # Read the libraries once, so that neither run pays for a cold disk cache the other does not.
     python3 -c "import moetune.tune, optuna"
     runs=${SCALE_RUNS:-1}
+    pair_dir() { if [ "$runs" = 1 ]; then echo "$out"; else echo "$out/pair_$1"; fi; }
     for pair in $(seq 1 "$runs"); do
-      dir=$out
-      [ "$runs" = 1 ] || dir=$out/pair_$pair
+      dir=$(pair_dir "$pair")
       mkdir -p "$dir"
       root=$(cd "$dir" && pwd)  # compile workers may start elsewhere: an absolute cache path
       for devices in 0 0,1; do
@@ -93,8 +93,7 @@ case "$step" in
       cat "$dir"/timeline_*.log
     done
     for pair in $(seq 1 "$runs"); do
-      dir=$out
-      [ "$runs" = 1 ] || dir=$out/pair_$pair
+      dir=$(pair_dir "$pair")
       one=$(grep "^wall" "$dir/scale_0.log" | awk '{print $2}')
       two=$(grep "^wall" "$dir/scale_0_1.log" | awk '{print $2}')
       echo "pair $pair: 1 GPU $one s, 2 GPUs $two s, ratio $(python3 -c "print(f'{$one / $two:.3f}')")"
