@@ -4,8 +4,8 @@ Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, co
 through the storage (see tune.py), in a walk order of its own (walk.py). The first listed
 GPU's process also chooses the pairs and writes the tables, each batch size once its studies
 settle, in moments its GPU waits for compiles, so the layer times in a table all come from
-one device and that timing overlaps the other GPUs' trials. The others run trials only. Should the writer fail, the
-parent writes the tables from the storage.
+one device and that timing overlaps the other GPUs' trials. The others run trials only.
+Should the writer fail, the parent writes the tables from the storage.
 
 The workers are forked before the parent touches a GPU (ForkedWorkers), so they start with
 its imports done, and start their compile processes while the parent checks the run; where
