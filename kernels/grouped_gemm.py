@@ -16,15 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moetune.device import interpreter_enabled
-
 from .align import AlignedTokens
-from .launch import compile_only, launch
+from .launch import compile_only, interpreted, launch
 
 EPILOGUE_STORE = 0
 EPILOGUE_ATOMIC_ADD = 1
-# Triton chose between compiling and interpreting when the kernel below was defined.
-INTERPRETED = interpreter_enabled()
+
+
+def interpreted_kernels() -> bool:
+    """Whether this package's kernels run in Triton's interpreter (chosen when they were defined)."""
+    return interpreted(_grouped_gemm_kernel)
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def grouped_gemm(
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
-            dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)
+            dot_in_fp32=interpreted(_grouped_gemm_kernel) and a.dtype == torch.bfloat16)
     return out
 
 

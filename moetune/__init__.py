@@ -1,16 +1,40 @@
-"""moetune: autotuned Triton fused-MoE kernels, tuned tables per GPU, and a dispatcher."""
+"""moetune: autotuned Triton fused-MoE kernels, tuned tables per GPU, and a dispatcher.
 
-from .device import use_interpreter_without_gpu
+Importing moetune changes no environment. On a machine without a GPU, set
+TRITON_INTERPRET=1 before the first import of the kernels to run them in Triton's
+interpreter (the `moetune` command does so for its own process). The public names load
+on first use, so that the command can make that choice before any kernel is defined.
+"""
 
-# Triton decides between compiling and interpreting when a kernel is defined, so this must
-# run before moetune.kernels is imported: without a GPU, kernels run in the interpreter.
-use_interpreter_without_gpu()
-
-from .errors import TableError, UsageError  # noqa: E402
-from .layer import fused_experts, fused_moe  # noqa: E402
-from .loader import Selection, get_config, load_table  # noqa: E402
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["Selection", "TableError", "UsageError", "__version__", "fused_experts", "fused_moe", "get_config",
-           "load_table"]
+# public name -> the module that defines it
+_PUBLIC = {
+    "fused_experts": "layer",
+    "fused_moe": "layer",
+    "Selection": "loader",
+    "get_config": "loader",
+    "load_table": "loader",
+    "TableError": "errors",
+    "UsageError": "errors",
+    "LaunchConfig": "types",
+    "Role": "types",
+    "Variant": "types",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moetune' has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

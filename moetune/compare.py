@@ -37,7 +37,7 @@ from .device import DeviceInfo, local_device, torch_device
 from .errors import UsageError
 from .shapes import MoEShape
 from .tables import TORCH_DTYPES, write_atomic
-from .tune_cli import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
+from .cli.flags import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
                        shapes_and_batch_sizes)
 
 CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")

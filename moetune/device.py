@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import threading
@@ -9,25 +10,62 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import HOPPER_SHARED_MEMORY_BYTES
+from .types import HOPPER_SHARED_MEMORY_BYTES
 
 CPU_KEY = "cpu"
+INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def gpu_count() -> int:
+    """CUDA GPUs this process may use, asked of the driver's NVML library.
+
+    Never initializes CUDA: on a CUDA build of torch without a driver, even
+    torch.cuda.device_count() marks the process so that forked children cannot run,
+    and `moetune run` forks its compile processes after this check.
+    """
+    if torch.version.cuda is None:  # a CPU build of torch cannot run the kernels on a GPU
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    count = _nvml_device_count()
+    if visible is not None:
+        count = min(count, len([part for part in visible.split(",") if part.strip()]))
+    return count
+
+
+def _nvml_device_count() -> int:
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_uint(0)
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        return int(count.value) if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in Triton's interpreter: Triton chose so when they were
+    defined, so the kernels are what to ask (this imports them)."""
+    from .kernels import interpreted_kernels
+
+    return interpreted_kernels()
 
 
-def use_interpreter_without_gpu() -> None:
-    """Run kernels in Triton's interpreter when no GPU exists.
+def choose_interpreter_without_gpu() -> None:
+    """For a command-line process: run kernels in Triton's interpreter when no GPU exists.
 
-    Must be called before any @triton.jit function is defined: Triton chooses between
-    compiling and interpreting when the decorator runs.
+    Must run before moetune.kernels is imported (Triton chooses between compiling and
+    interpreting when a kernel is defined). The library never calls it: setting the
+    variable would turn every other library's Triton kernels defined later into
+    interpreted ones.
     """
-    # device_count asks NVML, which leaves CUDA uninitialized: `run --devices` forks its
-    # workers after this import, and CUDA cannot be used in a child forked after cuInit.
-    if torch.cuda.device_count() == 0:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if gpu_count() == 0:
+        os.environ.setdefault(INTERPRET_ENV, "1")
 
 
 def forked_after_cuda() -> bool:
@@ -61,7 +99,7 @@ class DeviceInfo:
 
 
 def local_device(index: int | None = None) -> DeviceInfo:
-    if torch.cuda.is_available() and not interpreter_enabled():
+    if gpu_count() > 0 and not interpreter_enabled():
         index = torch.cuda.current_device() if index is None else index
         props = torch.cuda.get_device_properties(index)
         smem = getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED_MEMORY_BYTES
@@ -71,4 +109,4 @@ def local_device(index: int | None = None) -> DeviceInfo:
 
 
 def torch_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() and not interpreter_enabled() else torch.device("cpu")
+    return torch.device("cuda") if gpu_count() > 0 and not interpreter_enabled() else torch.device("cpu")

@@ -251,15 +251,3 @@ def parse_batch_sizes(text: str) -> list[int]:
             raise UsageError(f"bad batch size {item!r} in {text!r}: each must be a positive integer")
         sizes.add(int(item))
     return sorted(sizes)
-
-
-def add_shape_arguments(parser) -> None:
-    """The flags that name a shape, shared by the commands that take one."""
-    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
-    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
-    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
-    shape.add_argument("--E", type=int, help="number of experts")
-    shape.add_argument("--topk", type=int, help="experts per token")
-    shape.add_argument("--hidden", type=int, help="hidden size K")
-    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
-    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")

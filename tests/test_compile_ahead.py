@@ -113,7 +113,7 @@ import optuna  # noqa: E402
 
 from moetune import tune as tune_module  # noqa: E402
 from moetune.cli import build_parser  # noqa: E402
-from moetune.tune_cli import build_settings  # noqa: E402
+from moetune.cli.run import build_settings  # noqa: E402
 
 
 def test_a_slow_compile_holds_up_no_trial_compiled_after_it():

@@ -12,7 +12,7 @@ import pytest
 
 from moetune.cli import main
 from moetune.tables import read_table
-from moetune.tune_cli import default_compile_workers
+from moetune.cli.run import default_compile_workers
 
 TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32"]
 TABLE = "E=4,N=32,K=64,topk=2,dtype=fp16.json"

@@ -1,6 +1,7 @@
 """Command line: `moetune run | compare | export | import | show | collect`.
 
-Every command module exposes `add_arguments(parser)` and `main(args) -> int`. Bad input is
+One module per command in this package, and `flags` for the flags several commands
+share; library modules hold no argparse. Every command module exposes `add_arguments(parser)` and `main(args) -> int`. Bad input is
 raised as UsageError (or ValueError/TypeError from validation) and printed as one line on
 stderr with exit code 2; nothing is written in that case.
 """
@@ -12,16 +13,17 @@ import importlib
 import os
 import sys
 
-from .errors import UsageError
+from ..device import choose_interpreter_without_gpu
+from ..errors import UsageError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "run": ("moetune.tune_cli", "tune the MoE kernels for a GPU and write JSON tables"),
-    "compare": ("moetune.compare", "time the whole MoE layer: tuned unfused, fused, dispatcher, default and baseline configs"),
-    "export": ("moetune.export", "write tables as vLLM or SGLang config files"),
-    "import": ("moetune.export", "read vLLM/SGLang config files into a folder for --baseline-configs"),
-    "show": ("moetune.loader", "list the tables this machine would use and the configs picked per batch size"),
-    "collect": ("moetune.collect_cli", "write the tables from the studies `moetune run --worker` processes filled"),
+    "run": ("moetune.cli.run", "tune the MoE kernels for a GPU and write JSON tables"),
+    "compare": ("moetune.cli.compare", "time the whole MoE layer: tuned unfused, fused, dispatcher, default and baseline configs"),
+    "export": ("moetune.cli.export", "write tables as vLLM or SGLang config files"),
+    "import": ("moetune.cli.imports", "read vLLM/SGLang config files into a folder for --baseline-configs"),
+    "show": ("moetune.cli.show", "list the tables this machine would use and the configs picked per batch size"),
+    "collect": ("moetune.cli.collect", "write the tables from the studies `moetune run --worker` processes filled"),
 }
 
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command module imports the kernels: without a GPU they run interpreted.
+    choose_interpreter_without_gpu()
     try:
         args = build_parser().parse_args(argv)
         return int(args._main(args) or 0)

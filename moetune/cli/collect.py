@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from .tune_cli import add_run_arguments, build_settings
+from .flags import add_run_arguments
+from .run import build_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings, _ = build_settings(args)
-    from .tune import collect
+    from ..tune import collect
 
     print(f"collecting the studies of {', '.join(s.describe() for s in settings.shapes)} on {settings.device.name}")
     written = collect(settings, allow_incomplete=args.allow_incomplete)

@@ -2,7 +2,7 @@
 
 One process tunes on one GPU by default; `--devices 0,1` runs one worker per GPU sharing the
 studies, and `--worker` (on any number of hosts sharing a --storage) tunes without writing
-tables, which `moetune collect` (collect_cli.py) writes afterwards."""
+tables, which `moetune collect` writes afterwards."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .device import DeviceInfo, fork_is_safe, interpreter_enabled, local_device
-from .errors import UsageError
-from .shapes import DEFAULT_BATCH_SIZES, add_shape_arguments, parse_batch_sizes, resolve_shapes
-from .space import load_space
-from .study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
-from .tables import VARIANTS
-from .workers import device_of, parse_devices, visible_device
+from ..device import fork_is_safe, gpu_count, interpreter_enabled, local_device
+from ..errors import UsageError
+from ..space import load_space
+from ..workers import device_of, parse_devices, visible_device
+from .flags import (add_run_arguments, baseline_folder, check_out_dir, check_storage, parse_variants, resolve_dtype,
+                    resolve_gpu, shapes_and_batch_sizes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,122 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser, gpu_help: str) -> None:
-    """Shape, GPU, dtype and batch sizes: what `run`, `collect` and `compare` all take."""
-    add_shape_arguments(parser)
-    parser.add_argument("--gpu", default="auto", help=gpu_help)
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
-                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
-    parser.add_argument("--batch-sizes", default=None,
-                        help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
-
-
-def shapes_and_batch_sizes(args: argparse.Namespace) -> tuple[list, list[int]]:
-    """The shapes and batch sizes the flags of add_workload_arguments name."""
-    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
-                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
-    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
-    return shapes, batch_sizes
-
-
-def baseline_folder(text: str | None) -> Path | None:
-    """--baseline-configs: a folder of vLLM/SGLang files, or None."""
-    if not text:
-        return None
-    if not Path(text).is_dir():
-        raise UsageError(f"--baseline-configs {text!r} is not a folder")
-    return Path(text)
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """What names a tuning run: `run` and `collect` take these alike."""
-    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)")
-    parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
-    parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
-    parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL (e.g. sqlite:///s.db, postgresql://...) or a journal file path; "
-                             "default: a journal file beside the tables")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--space", default=None, metavar="YAML", help="search space overriding the default")
-    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
-                        help=f"how often a process records that its trials are alive; a trial silent for "
-                             f"{GRACE_BEATS} intervals is failed and retried (default {DEFAULT_HEARTBEAT_S}; "
-                             f"the same on every host)")
-
-
-def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
-    """--gpu must name the local device: 'auto', or a case-insensitive part of its name."""
-    if requested.strip().lower() in ("auto", local.name.lower(), local.key.lower()):
-        return local
-    if local.is_gpu and requested.strip().lower() in local.name.lower():
-        return local
-    where = f"the local GPU is {local.name!r}" if local.is_gpu else "this machine has no GPU (use --gpu auto or cpu)"
-    raise UsageError(f"--gpu {requested!r} does not match: {where}")
-
-
-def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> str:
-    """--dtype, defaulting to bf16 on a GPU and fp16 without one: Triton's interpreter has no
-    bf16 atomic add, so the fused variant cannot run bf16 there."""
-    dtype = requested or ("bf16" if device.is_gpu else "fp16")
-    if dtype == "bf16" and atomics and not device.is_gpu:
-        raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no "
-                         "bf16 atomic add (use --dtype fp16)")
-    return dtype
-
-
-def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
-    """Refuse an output folder that cannot be written, before anything is written; the error
-    names the command's `flag`."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(path)!r} is not writable")
-
-
-def check_storage(url: str) -> None:
-    """Reach the storage now, so a typo fails in one line instead of after compiling."""
-    if not is_database_url(url):
-        parent = Path(url).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist or is not writable")
-        return
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(database_url(url))
-        if engine.dialect.name == "sqlite":
-            database = engine.url.database
-            if database and database != ":memory:":
-                parent = Path(database).resolve().parent
-                if not parent.is_dir():
-                    raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist")
-            return
-        with engine.connect():
-            pass
-    except UsageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any driver error means the storage is unusable
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--storage {url!r} is unreachable: {first}") from None
-
-
-def parse_variants(text: str) -> list[str]:
-    variants = [item.strip() for item in text.split(",") if item.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if not variants or bad:
-        raise UsageError(f"--variants {text!r}: use unfused, fused or unfused,fused")
-    return [v for v in VARIANTS if v in variants]
-
-
 def build_settings(args: argparse.Namespace):
     """(settings, devices): devices is None without --devices."""
-    from .tune import TuneSettings
+    from ..tune import TuneSettings
 
     shapes, batch_sizes = shapes_and_batch_sizes(args)
     variants = parse_variants(args.variants)
@@ -209,7 +95,7 @@ def use_gpu(settings, index: int | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .workers import ForkedWorkers
+    from ..workers import ForkedWorkers
 
     # Several GPUs: start their workers before this process touches one (see ForkedWorkers),
     # each with its compile processes.
@@ -232,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _has_gpu() -> bool:
     """Whether kernels will run on a GPU, asked of NVML: CUDA stays untouched here."""
-    return torch.cuda.device_count() > 0 and not interpreter_enabled()
+    return gpu_count() > 0 and not interpreter_enabled()
 
 
 def _early_compile_workers(args: argparse.Namespace, gpus: int) -> int:
@@ -246,14 +132,14 @@ def _early_compile_workers(args: argparse.Namespace, gpus: int) -> int:
 
 def _early_compiler(args: argparse.Namespace):
     """The tuner's compiler, started before the settings are checked (which touches CUDA)."""
-    from .tune import compiler_for
+    from ..tune import compiler_for
 
     return compiler_for(_early_compile_workers(args, 1), _has_gpu())
 
 
 def _run(args: argparse.Namespace, forked, compiler) -> int:
     settings, devices = build_settings(args)
-    from .tune import tune
+    from ..tune import tune
 
     names = ", ".join(s.describe() for s in settings.shapes)
     print(f"tuning {names} on {settings.device.name}, {settings.dtype}, batch sizes "
@@ -267,20 +153,20 @@ def _run(args: argparse.Namespace, forked, compiler) -> int:
     if args.worker:
         print("worker: runs trials only and writes no table (`moetune collect` writes them)")
     if devices is not None and len(devices) > 1:
-        from .workers import run_workers
+        from ..workers import run_workers
 
         if run_workers(settings, devices, first_writes=not args.worker, forked=forked) or args.worker:
             return 0  # the first worker wrote the tables and said so
         print("the first worker did not finish: writing the tables from the studies here")
         # The pairs are timed on one GPU only, so that all layer times in a table compare.
         use_gpu(settings, devices[0])
-        from .tune import collect
+        from ..tune import collect
 
         written = collect(settings, allow_incomplete=True)
     else:
         use_gpu(settings, devices[0] if devices else None)
         if args.worker:
-            from .tune import worker_salt
+            from ..tune import worker_salt
 
             tune(replace(settings, sampler_salt=worker_salt()), write_tables=False, compiler=compiler)
             return 0

@@ -1,0 +1,139 @@
+"""Flags several commands share: the shape, GPU, dtype and batch sizes of a workload, what
+names a tuning run, and the checks of output folders and storages that run before any work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..device import DeviceInfo
+from ..errors import UsageError
+from ..shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
+from ..study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
+from ..tables import VARIANTS
+
+
+def add_shape_arguments(parser) -> None:
+    """The flags that name a shape, shared by the commands that take one."""
+    shape = parser.add_argument_group("shape (a preset, a Hugging Face config.json, or the sizes)")
+    shape.add_argument("--model", help="built-in preset, e.g. Qwen3-30B-A3B")
+    shape.add_argument("--model-config", help="path of a local Hugging Face config.json")
+    shape.add_argument("--E", type=int, help="number of experts")
+    shape.add_argument("--topk", type=int, help="experts per token")
+    shape.add_argument("--hidden", type=int, help="hidden size K")
+    shape.add_argument("--intermediate", type=int, help="intermediate size N per rank (before --tp-size)")
+    shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, gpu_help: str) -> None:
+    """Shape, GPU, dtype and batch sizes: what `run`, `collect` and `compare` all take."""
+    add_shape_arguments(parser)
+    parser.add_argument("--gpu", default="auto", help=gpu_help)
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
+                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
+
+
+def shapes_and_batch_sizes(args: argparse.Namespace) -> tuple[list, list[int]]:
+    """The shapes and batch sizes the flags of add_workload_arguments name."""
+    shapes = resolve_shapes(E=args.E, topk=args.topk, hidden=args.hidden, intermediate=args.intermediate,
+                            model=args.model, model_config=args.model_config, tp_size=args.tp_size)
+    batch_sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes is not None else list(DEFAULT_BATCH_SIZES)
+    return shapes, batch_sizes
+
+
+def baseline_folder(text: str | None) -> Path | None:
+    """--baseline-configs: a folder of vLLM/SGLang files, or None."""
+    if not text:
+        return None
+    if not Path(text).is_dir():
+        raise UsageError(f"--baseline-configs {text!r} is not a folder")
+    return Path(text)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What names a tuning run: `run` and `collect` take these alike."""
+    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)")
+    parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
+    parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
+    parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (e.g. sqlite:///s.db, postgresql://...) or a journal file path; "
+                             "default: a journal file beside the tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--space", default=None, metavar="YAML", help="search space overriding the default")
+    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
+                        help=f"how often a process records that its trials are alive; a trial silent for "
+                             f"{GRACE_BEATS} intervals is failed and retried (default {DEFAULT_HEARTBEAT_S}; "
+                             f"the same on every host)")
+
+
+def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
+    """--gpu must name the local device: 'auto', or a case-insensitive part of its name."""
+    if requested.strip().lower() in ("auto", local.name.lower(), local.key.lower()):
+        return local
+    if local.is_gpu and requested.strip().lower() in local.name.lower():
+        return local
+    where = f"the local GPU is {local.name!r}" if local.is_gpu else "this machine has no GPU (use --gpu auto or cpu)"
+    raise UsageError(f"--gpu {requested!r} does not match: {where}")
+
+
+def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> str:
+    """--dtype, defaulting to bf16 on a GPU and fp16 without one: Triton's interpreter has no
+    bf16 atomic add, so the fused variant cannot run bf16 there."""
+    dtype = requested or ("bf16" if device.is_gpu else "fp16")
+    if dtype == "bf16" and atomics and not device.is_gpu:
+        raise UsageError("--dtype bf16 with the fused variant needs a GPU: Triton's interpreter has no "
+                         "bf16 atomic add (use --dtype fp16)")
+    return dtype
+
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Refuse an output folder that cannot be written, before anything is written; the error
+    names the command's `flag`."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r} is not writable")
+
+
+def check_storage(url: str) -> None:
+    """Reach the storage now, so a typo fails in one line instead of after compiling."""
+    if not is_database_url(url):
+        parent = Path(url).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist or is not writable")
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(database_url(url))
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database
+            if database and database != ":memory:":
+                parent = Path(database).resolve().parent
+                if not parent.is_dir():
+                    raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist")
+            return
+        with engine.connect():
+            pass
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any driver error means the storage is unusable
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--storage {url!r} is unreachable: {first}") from None
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if not variants or bad:
+        raise UsageError(f"--variants {text!r}: use unfused, fused or unfused,fused")
+    return [v for v in VARIANTS if v in variants]
