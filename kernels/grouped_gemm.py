@@ -16,15 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from moetune.device import interpreter_enabled
+from triton.runtime.interpreter import InterpretedFunction
 
 from .align import AlignedTokens
 from .launch import compile_only, launch
 
 EPILOGUE_STORE = 0
 EPILOGUE_ATOMIC_ADD = 1
-# Triton chose between compiling and interpreting when the kernel below was defined.
-INTERPRETED = interpreter_enabled()
 
 
 @triton.jit
@@ -108,6 +106,11 @@ def _grouped_gemm_kernel(
     else:
         c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# Triton chose between compiling and interpreting when the kernel above was defined (by
+# TRITON_INTERPRET at that moment); ask the kernel rather than the environment.
+INTERPRETED = isinstance(_grouped_gemm_kernel, InterpretedFunction)
 
 
 class GemmGeometry(NamedTuple):
