@@ -6,6 +6,12 @@ One kernel serves both GEMMs of the layer:
           router weight, then either STORE into [M * topk, K] (the unfused variant, a
           reduce kernel sums over top-k afterwards) or ATOMIC_ADD into out[M, K] (the
           fused variant, out must be zeroed first).
+
+Compile-time switches (all off is the path above; kernels/switches.py holds the layer's set):
+  c_sorted  GEMM 1 writes the row of aligned position p at row p ([capacity, 2N]) instead
+            of at its slot; padding rows are not written.
+  a_sorted  GEMM 2 reads A row p for aligned position p (contiguous per block, no gather
+            through sorted_ids); each row still goes to its slot's output row and weight.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ EPILOGUE_ATOMIC_ADD = 1
 @triton.jit
 def _grouped_gemm_kernel(
     # Pointers
-    a_ptr,  # [rows_a, K] activations; row of slot s is s // A_ROWS_PER_SLOT
+    a_ptr,  # [rows_a, K] activations; row of slot s is s // A_ROWS_PER_SLOT (A_SORTED: aligned position)
     b_ptr,  # [E, N, K] expert weights (output features, reduction)
-    c_ptr,  # STORE: [slots, N]; ATOMIC_ADD: [slots // topk, N]
+    c_ptr,  # STORE: [slots, N] (C_SORTED: [capacity, N]); ATOMIC_ADD: [slots // topk, N]
     topk_weights_ptr,  # [slots] router weights, read when MUL_ROUTED_WEIGHT
     sorted_ids_ptr,  # [padded capacity] slot index per aligned row, `num_slots` = padding
     expert_ids_ptr,  # [blocks] expert of each BLOCK_SIZE_M rows, -1 past the used range
@@ -53,6 +59,9 @@ def _grouped_gemm_kernel(
     EPILOGUE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # only under the interpreter, whose bf16 dot is wrong
     ATOMIC_SEM: tl.constexpr,  # memory ordering of the ATOMIC_ADD epilogue
+    # Kernel switches (module doc)
+    A_SORTED: tl.constexpr,
+    C_SORTED: tl.constexpr,
 ):
     # Grouped ordering: GROUP_SIZE_M row blocks share the weight columns they stream, so
     # consecutive programs hit the same tiles of b in L2.
@@ -79,7 +88,10 @@ def _grouped_gemm_kernel(
     # the extra columns are dropped by the store mask.
     offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)) % N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    a_ptrs = a_ptr + (slot[:, None] // A_ROWS_PER_SLOT) * stride_am + offs_k[None, :] * stride_ak
+    if A_SORTED:
+        a_ptrs = a_ptr + offs_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    else:
+        a_ptrs = a_ptr + (slot[:, None] // A_ROWS_PER_SLOT) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
@@ -104,7 +116,10 @@ def _grouped_gemm_kernel(
         c_ptrs = c_ptr + (slot[:, None] // TOPK) * stride_cm + offs_cn[None, :] * stride_cn
         tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask, sem=ATOMIC_SEM)
     else:
-        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        if C_SORTED:
+            c_ptrs = c_ptr + offs_row[:, None].to(tl.int64) * stride_cm + offs_cn[None, :] * stride_cn
+        else:
+            c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -130,16 +145,19 @@ class GemmGeometry(NamedTuple):
 
 
 def gemm_geometry(a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, capacity: int, topk: int,
-                  atomic_add: bool) -> GemmGeometry:
+                  atomic_add: bool, *, c_sorted: bool = False, a_rows_per_slot: int = 1) -> GemmGeometry:
+    """The geometry of a launch. With c_sorted, out has `capacity` rows (one per aligned
+    position), so the slot count comes from a: a_rows_per_slot slots per row of a."""
+    num_slots = a.shape[0] * a_rows_per_slot if c_sorted else out.shape[0] * (topk if atomic_add else 1)
     return GemmGeometry(
-        weights.shape[1], weights.shape[2], capacity, out.shape[0] * (topk if atomic_add else 1),
+        weights.shape[1], weights.shape[2], capacity, num_slots,
         a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
         out.stride(0), out.stride(1))
 
 
 def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: float,
             a_rows_per_slot: int, topk: int, mul_routed_weight: bool, atomic_add: bool, atomic_sem: str,
-            dot_in_fp32: bool):
+            dot_in_fp32: bool, a_sorted: bool, c_sorted: bool):
     g = geometry
     grid = (triton.cdiv(g.capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(g.n_out, config["BLOCK_SIZE_N"]),)
     launch(_grouped_gemm_kernel, grid)(
@@ -154,8 +172,19 @@ def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: flo
         EPILOGUE=EPILOGUE_ATOMIC_ADD if atomic_add else EPILOGUE_STORE,
         DOT_IN_FP32=dot_in_fp32,
         ATOMIC_SEM=atomic_sem,
+        A_SORTED=a_sorted, C_SORTED=c_sorted,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+
+
+def _check_switches(a, out, aligned: AlignedTokens, *, atomic_add: bool, a_sorted: bool, c_sorted: bool) -> None:
+    capacity = aligned.sorted_ids.numel()
+    if c_sorted and atomic_add:
+        raise ValueError("c_sorted (rows in aligned order) stores GEMM 1's rows; it cannot go with atomic_add")
+    if c_sorted and out.shape[0] < capacity:
+        raise ValueError(f"c_sorted: out has {out.shape[0]} rows, fewer than the alignment's capacity {capacity}")
+    if a_sorted and a.shape[0] < capacity:
+        raise ValueError(f"a_sorted: a has {a.shape[0]} rows, fewer than the alignment's capacity {capacity}")
 
 
 def grouped_gemm(
@@ -171,6 +200,8 @@ def grouped_gemm(
     weight_scale: float = 1.0,
     atomic_add: bool = False,
     atomic_sem: str = "relaxed",
+    a_sorted: bool = False,
+    c_sorted: bool = False,
 ) -> torch.Tensor:
     """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
 
@@ -179,16 +210,23 @@ def grouped_gemm(
     its BLOCK_SIZE_M must be the one `aligned` was built with. The adds need atomicity
     only, hence "relaxed" ordering by default; Triton's default "acq_rel" fences each add
     and made the fused layer slower than store + reduce.
+
+    Switches (module doc): c_sorted makes `out` [capacity, N_out], capacity =
+    aligned.sorted_ids.numel(), row p for aligned position p (STORE only); a_sorted reads
+    `a` the same way, so it must come from a c_sorted GEMM over the very same `aligned`.
     """
     if config["BLOCK_SIZE_M"] != aligned.block_size_m:
         raise ValueError(
             f"config BLOCK_SIZE_M={config['BLOCK_SIZE_M']} differs from the alignment's {aligned.block_size_m}")
-    geometry = gemm_geometry(a, weights, out, aligned.sorted_ids.numel(), topk, atomic_add)
+    _check_switches(a, out, aligned, atomic_add=atomic_add, a_sorted=a_sorted, c_sorted=c_sorted)
+    geometry = gemm_geometry(a, weights, out, aligned.sorted_ids.numel(), topk, atomic_add,
+                             c_sorted=c_sorted, a_rows_per_slot=a_rows_per_slot)
     pointers = (a, weights, out, topk_weights if topk_weights is not None else a,
                 aligned.sorted_ids, aligned.expert_ids, aligned.padded_rows)
     _launch(pointers, geometry, config,
             weight_scale=weight_scale, a_rows_per_slot=a_rows_per_slot, topk=topk,
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
+            a_sorted=a_sorted, c_sorted=c_sorted,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
             dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)
@@ -197,7 +235,8 @@ def grouped_gemm(
 
 def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dict, *, topk: int,
                          a_rows_per_slot: int, mul_routed_weight: bool, atomic_add: bool,
-                         out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed"):
+                         out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed",
+                         a_sorted: bool = False, c_sorted: bool = False):
     """Compile (without launching) the binary that grouped_gemm would run for this geometry;
     returns Triton's compiled kernel.
 
@@ -209,5 +248,6 @@ def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dic
     pointers = (dtype, dtype, out_dtype, weights_dtype, torch.int32, torch.int32, torch.int32)
     with compile_only() as compiled:
         _launch(pointers, geometry, config, weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk,
-                mul_routed_weight=mul_routed_weight, atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False)
+                mul_routed_weight=mul_routed_weight, atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False,
+                a_sorted=a_sorted, c_sorted=c_sorted)
     return compiled[0] if compiled else None  # None: `launch` was replaced by one that compiles nothing
