@@ -40,10 +40,15 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         aligned2 = aligned1
     rows = aligned1.sorted_ids.numel() if sorted_rows else slots
 
-    gate_up = torch.empty(rows, two_n, dtype=dtype, device=device)
-    grouped_gemm(hidden_states, w1, gate_up, aligned1, gemm1_config, topk=topk, a_rows_per_slot=topk,
-                 c_sorted=sorted_rows)
-    activation = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots)
+    if switches.fuse_activation:
+        activation = torch.empty(rows, two_n // 2, dtype=dtype, device=device)
+        grouped_gemm(hidden_states, w1, activation, aligned1, gemm1_config, topk=topk, a_rows_per_slot=topk,
+                     c_sorted=sorted_rows, fuse_activation=True)
+    else:
+        gate_up = torch.empty(rows, two_n, dtype=dtype, device=device)
+        grouped_gemm(hidden_states, w1, gate_up, aligned1, gemm1_config, topk=topk, a_rows_per_slot=topk,
+                     c_sorted=sorted_rows)
+        activation = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots)
 
     if atomic_add:
         # Tokens whose experts all live on other ranks keep the zero.

@@ -12,6 +12,9 @@ Compile-time switches (all off is the path above; kernels/switches.py holds the 
             of at its slot; padding rows are not written.
   a_sorted  GEMM 2 reads A row p for aligned position p (contiguous per block, no gather
             through sorted_ids); each row still goes to its slot's output row and weight.
+  fuse_activation  GEMM 1 computes a gate tile (w1 rows n..) and the matching up tile (rows
+            N+n..) over the same A tiles and stores silu(gate) * up: out is [rows, N], and
+            neither the [rows, 2N] buffer nor the activation kernel is needed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ EPILOGUE_ATOMIC_ADD = 1
 def _grouped_gemm_kernel(
     # Pointers
     a_ptr,  # [rows_a, K] activations; row of slot s is s // A_ROWS_PER_SLOT (A_SORTED: aligned position)
-    b_ptr,  # [E, N, K] expert weights (output features, reduction)
+    b_ptr,  # [E, N, K] expert weights (output features, reduction); FUSE_SILU: [E, 2N, K], gate then up
     c_ptr,  # STORE: [slots, N] (C_SORTED: [capacity, N]); ATOMIC_ADD: [slots // topk, N]
     topk_weights_ptr,  # [slots] router weights, read when MUL_ROUTED_WEIGHT
     sorted_ids_ptr,  # [padded capacity] slot index per aligned row, `num_slots` = padding
@@ -62,6 +65,7 @@ def _grouped_gemm_kernel(
     # Kernel switches (module doc)
     A_SORTED: tl.constexpr,
     C_SORTED: tl.constexpr,
+    FUSE_SILU: tl.constexpr,
 ):
     # Grouped ordering: GROUP_SIZE_M row blocks share the weight columns they stream, so
     # consecutive programs hit the same tiles of b in L2.
@@ -95,6 +99,8 @@ def _grouped_gemm_kernel(
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if FUSE_SILU:
+        acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -103,8 +109,18 @@ def _grouped_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
+        if FUSE_SILU:
+            # The up rows sit N rows below the gate rows of the same expert.
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
+            if DOT_IN_FP32:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
+
+    if FUSE_SILU:
+        # silu(g) * u in fp32 as the activation kernel computes it, rounded once at the store.
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
 
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)
@@ -145,19 +161,22 @@ class GemmGeometry(NamedTuple):
 
 
 def gemm_geometry(a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, capacity: int, topk: int,
-                  atomic_add: bool, *, c_sorted: bool = False, a_rows_per_slot: int = 1) -> GemmGeometry:
+                  atomic_add: bool, *, c_sorted: bool = False, a_rows_per_slot: int = 1,
+                  fuse_activation: bool = False) -> GemmGeometry:
     """The geometry of a launch. With c_sorted, out has `capacity` rows (one per aligned
-    position), so the slot count comes from a: a_rows_per_slot slots per row of a."""
+    position), so the slot count comes from a: a_rows_per_slot slots per row of a. With
+    fuse_activation the output is half as wide as the weights' rows (gate and up)."""
     num_slots = a.shape[0] * a_rows_per_slot if c_sorted else out.shape[0] * (topk if atomic_add else 1)
+    n_out = weights.shape[1] // 2 if fuse_activation else weights.shape[1]
     return GemmGeometry(
-        weights.shape[1], weights.shape[2], capacity, num_slots,
+        n_out, weights.shape[2], capacity, num_slots,
         a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
         out.stride(0), out.stride(1))
 
 
 def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: float,
             a_rows_per_slot: int, topk: int, mul_routed_weight: bool, atomic_add: bool, atomic_sem: str,
-            dot_in_fp32: bool, a_sorted: bool, c_sorted: bool):
+            dot_in_fp32: bool, a_sorted: bool, c_sorted: bool, fuse_activation: bool):
     g = geometry
     grid = (triton.cdiv(g.capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(g.n_out, config["BLOCK_SIZE_N"]),)
     launch(_grouped_gemm_kernel, grid)(
@@ -172,13 +191,20 @@ def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: flo
         EPILOGUE=EPILOGUE_ATOMIC_ADD if atomic_add else EPILOGUE_STORE,
         DOT_IN_FP32=dot_in_fp32,
         ATOMIC_SEM=atomic_sem,
-        A_SORTED=a_sorted, C_SORTED=c_sorted,
+        A_SORTED=a_sorted, C_SORTED=c_sorted, FUSE_SILU=fuse_activation,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
 
-def _check_switches(a, out, aligned: AlignedTokens, *, atomic_add: bool, a_sorted: bool, c_sorted: bool) -> None:
+def _check_switches(a, weights, out, aligned: AlignedTokens, *, atomic_add: bool, a_sorted: bool, c_sorted: bool,
+                    fuse_activation: bool, mul_routed_weight: bool) -> None:
     capacity = aligned.sorted_ids.numel()
+    if fuse_activation and (atomic_add or mul_routed_weight):
+        raise ValueError("fuse_activation is GEMM 1's epilogue: it stores silu(gate) * up, with neither "
+                         "atomic_add nor the router weight")
+    if fuse_activation and (weights.shape[1] % 2 or out.shape[1] != weights.shape[1] // 2):
+        raise ValueError(f"fuse_activation: weights {tuple(weights.shape)} must be [E, 2N, K] and out "
+                         f"{tuple(out.shape)} N wide")
     if c_sorted and atomic_add:
         raise ValueError("c_sorted (rows in aligned order) stores GEMM 1's rows; it cannot go with atomic_add")
     if c_sorted and out.shape[0] < capacity:
@@ -202,6 +228,7 @@ def grouped_gemm(
     atomic_sem: str = "relaxed",
     a_sorted: bool = False,
     c_sorted: bool = False,
+    fuse_activation: bool = False,
 ) -> torch.Tensor:
     """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
 
@@ -214,19 +241,22 @@ def grouped_gemm(
     Switches (module doc): c_sorted makes `out` [capacity, N_out], capacity =
     aligned.sorted_ids.numel(), row p for aligned position p (STORE only); a_sorted reads
     `a` the same way, so it must come from a c_sorted GEMM over the very same `aligned`.
+    fuse_activation (GEMM 1: weights [E, 2N, K], gate rows then up rows) stores
+    silu(gate) * up into `out` [slots or capacity, N].
     """
     if config["BLOCK_SIZE_M"] != aligned.block_size_m:
         raise ValueError(
             f"config BLOCK_SIZE_M={config['BLOCK_SIZE_M']} differs from the alignment's {aligned.block_size_m}")
-    _check_switches(a, out, aligned, atomic_add=atomic_add, a_sorted=a_sorted, c_sorted=c_sorted)
+    _check_switches(a, weights, out, aligned, atomic_add=atomic_add, a_sorted=a_sorted, c_sorted=c_sorted,
+                    fuse_activation=fuse_activation, mul_routed_weight=topk_weights is not None)
     geometry = gemm_geometry(a, weights, out, aligned.sorted_ids.numel(), topk, atomic_add,
-                             c_sorted=c_sorted, a_rows_per_slot=a_rows_per_slot)
+                             c_sorted=c_sorted, a_rows_per_slot=a_rows_per_slot, fuse_activation=fuse_activation)
     pointers = (a, weights, out, topk_weights if topk_weights is not None else a,
                 aligned.sorted_ids, aligned.expert_ids, aligned.padded_rows)
     _launch(pointers, geometry, config,
             weight_scale=weight_scale, a_rows_per_slot=a_rows_per_slot, topk=topk,
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
-            a_sorted=a_sorted, c_sorted=c_sorted,
+            a_sorted=a_sorted, c_sorted=c_sorted, fuse_activation=fuse_activation,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
             dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)
@@ -236,7 +266,7 @@ def grouped_gemm(
 def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dict, *, topk: int,
                          a_rows_per_slot: int, mul_routed_weight: bool, atomic_add: bool,
                          out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed",
-                         a_sorted: bool = False, c_sorted: bool = False):
+                         a_sorted: bool = False, c_sorted: bool = False, fuse_activation: bool = False):
     """Compile (without launching) the binary that grouped_gemm would run for this geometry;
     returns Triton's compiled kernel.
 
@@ -249,5 +279,5 @@ def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dic
     with compile_only() as compiled:
         _launch(pointers, geometry, config, weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk,
                 mul_routed_weight=mul_routed_weight, atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False,
-                a_sorted=a_sorted, c_sorted=c_sorted)
+                a_sorted=a_sorted, c_sorted=c_sorted, fuse_activation=fuse_activation)
     return compiled[0] if compiled else None  # None: `launch` was replaced by one that compiles nothing

@@ -8,6 +8,9 @@ kernel halves it, GEMM 2 gathers its rows through sorted_ids.
                contiguously by aligned position, still storing / adding at each row's slot.
                GEMM 2 then reuses GEMM 1's alignment, so both configs need the same
                BLOCK_SIZE_M.
+  fuse_activation  SiLU-and-mul in GEMM 1's epilogue: each program computes a gate tile and
+               its up tile over the same A tiles and stores silu(gate) * up, so the [rows, 2N]
+               buffer and the activation kernel go away. w1 keeps its [E, 2N, K] layout.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class KernelSwitches:
     sorted_rows: bool = False
+    fuse_activation: bool = False
 
     def validate(self) -> "KernelSwitches":
         """Raise ValueError naming the switches of an invalid combination; returns self."""
-        for name in ("sorted_rows",):
+        for name in ("sorted_rows", "fuse_activation"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         return self

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from moetune.kernels import KernelSwitches, align_tokens, run_experts
+from moetune.kernels import KernelSwitches, align_tokens, experts, run_experts
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 from tests.moe_inputs import make_inputs, make_weights
 
@@ -25,8 +25,8 @@ OTHER = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE
 def valid_combinations():
     """Every combination the rules below allow, written out independently of validate()."""
     combos = []
-    for (sorted_rows,) in itertools.product([False, True]):
-        combos.append(KernelSwitches(sorted_rows=sorted_rows))
+    for sorted_rows, fuse_activation in itertools.product([False, True], repeat=2):
+        combos.append(KernelSwitches(sorted_rows=sorted_rows, fuse_activation=fuse_activation))
     return combos
 
 
@@ -52,6 +52,10 @@ def run(x, w1, w2, weights, ids, switches, *, atomic_add, config1=CONFIG, config
     return out
 
 
+def no_activation_kernel(*args, **kwargs):
+    raise AssertionError("the activation kernel ran although GEMM 1's epilogue computes it")
+
+
 def assert_close(out, ref, dtype):
     error = relative_error(out, ref)
     assert error <= TOLERANCE[dtype], f"relative error {error:.2e} > {TOLERANCE[dtype]:.0e} for {dtype}"
@@ -59,7 +63,9 @@ def assert_close(out, ref, dtype):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=name)
-def test_every_combination_matches_the_reference_with_both_epilogues(switches, rng):
+def test_every_combination_matches_the_reference_with_both_epilogues(switches, rng, monkeypatch):
+    if switches.fuse_activation:  # GEMM 1's epilogue does it: the activation kernel must not run
+        monkeypatch.setattr(experts, "silu_and_mul", no_activation_kernel)
     x, w1, w2, weights, ids = make_inputs(3, 4, N, K, 2, torch.float32, rng)
     ref = moe_reference(x, w1, w2, weights, ids)
     assert_close(run(x, w1, w2, weights, ids, switches, atomic_add=False), ref, torch.float32)
