@@ -43,21 +43,22 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     if switches.fuse_activation:
         activation = torch.empty(rows, two_n // 2, dtype=dtype, device=device)
         grouped_gemm(hidden_states, w1, activation, aligned1, gemm1_config, topk=topk, a_rows_per_slot=topk,
-                     c_sorted=sorted_rows, fuse_activation=True)
+                     c_sorted=sorted_rows, fuse_activation=True, tma_weights=switches.tma_weights)
     else:
         gate_up = torch.empty(rows, two_n, dtype=dtype, device=device)
         grouped_gemm(hidden_states, w1, gate_up, aligned1, gemm1_config, topk=topk, a_rows_per_slot=topk,
-                     c_sorted=sorted_rows)
+                     c_sorted=sorted_rows, tma_weights=switches.tma_weights)
         activation = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots)
 
+    tma = {"tma_weights": switches.tma_weights, "tma_activations": switches.tma_activations}
     if atomic_add:
         # Tokens whose experts all live on other ranks keep the zero.
         out.zero_()
         grouped_gemm(activation, w2, out, aligned2, gemm2_config, topk=topk, a_rows_per_slot=1,
                      topk_weights=topk_weights, weight_scale=weight_scale, atomic_add=True, atomic_sem=atomic_sem,
-                     a_sorted=sorted_rows)
+                     a_sorted=sorted_rows, **tma)
         return out
     down = torch.empty(m, topk, k, dtype=dtype, device=device)
     grouped_gemm(activation, w2, down.view(slots, k), aligned2, gemm2_config, topk=topk, a_rows_per_slot=1,
-                 topk_weights=topk_weights, weight_scale=weight_scale, a_sorted=sorted_rows)
+                 topk_weights=topk_weights, weight_scale=weight_scale, a_sorted=sorted_rows, **tma)
     return topk_sum(down, topk_ids, num_experts, out)

@@ -15,6 +15,16 @@ Compile-time switches (all off is the path above; kernels/switches.py holds the 
   fuse_activation  GEMM 1 computes a gate tile (w1 rows n..) and the matching up tile (rows
             N+n..) over the same A tiles and stores silu(gate) * up: out is [rows, N], and
             neither the [rows, 2N] buffer nor the activation kernel is needed.
+  tma_weights  weight tiles load through a Triton 3.6 tensor descriptor (TMA on Hopper) of
+            the weights as one [E * rows, K] matrix, made on the device: on a GPU that needs
+            triton.set_allocator, which the launcher sets when the caller has not.
+  tma_activations  A tiles likewise, from a descriptor of `a` as [capacity, K]; only with
+            a_sorted, where a block's rows are contiguous (gathered rows would need TMA
+            gather, which Hopper lacks).
+Triton 3.6's interpreter runs device-side tensor descriptors (bounds, zero padding and the
+16-byte checks included), so it runs the TMA paths as written; it does not model the
+hardware's tensor-map limits (box sides <= 256) nor the allocator's scratch: only a GPU
+checks those.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ def _grouped_gemm_kernel(
     padded_rows_ptr,  # [1] rows in use after alignment
     # Sizes
     N, K, capacity, num_slots,
+    weight_rows,  # E * rows of one expert's weights: the TMA descriptor's height
     # Strides
     stride_am, stride_ak,
     stride_be, stride_bn, stride_bk,
@@ -66,6 +77,8 @@ def _grouped_gemm_kernel(
     A_SORTED: tl.constexpr,
     C_SORTED: tl.constexpr,
     FUSE_SILU: tl.constexpr,
+    TMA_B: tl.constexpr,
+    TMA_A: tl.constexpr,
 ):
     # Grouped ordering: GROUP_SIZE_M row blocks share the weight columns they stream, so
     # consecutive programs hit the same tiles of b in L2.
@@ -92,31 +105,55 @@ def _grouped_gemm_kernel(
     # the extra columns are dropped by the store mask.
     offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)) % N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    if A_SORTED:
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[capacity, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
+    elif A_SORTED:
         a_ptrs = a_ptr + offs_row[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     else:
         a_ptrs = a_ptr + (slot[:, None] // A_ROWS_PER_SLOT) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    if TMA_B:
+        # Rows past this expert's tile (the last N tile) come from the next expert, or are
+        # zeros past the last: their columns are dropped by the store mask.
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[weight_rows, K], strides=[stride_bn, 1],
+                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        rows_per_expert = 2 * N if FUSE_SILU else N
+        b_row = (expert * rows_per_expert + pid_n * BLOCK_SIZE_N).to(tl.int32)
+    else:
+        b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     if FUSE_SILU:
         acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
-        a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if TMA_A:
+            # Padding rows are read as they are (their results are never stored); columns
+            # past K come back as zeros.
+            a = a_desc.load([pid_m * BLOCK_SIZE_M, k * BLOCK_SIZE_K])
+        else:
+            a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        if TMA_B:
+            b = b_desc.load([b_row, k * BLOCK_SIZE_K]).T
+        else:
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
         if FUSE_SILU:
             # The up rows sit N rows below the gate rows of the same expert.
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
+            if TMA_B:
+                b_up = b_desc.load([b_row + N, k * BLOCK_SIZE_K]).T
+            else:
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
             if DOT_IN_FP32:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up)
-        a_ptrs += BLOCK_SIZE_K * stride_ak
-        b_ptrs += BLOCK_SIZE_K * stride_bk
+        if not TMA_A:
+            a_ptrs += BLOCK_SIZE_K * stride_ak
+        if not TMA_B:
+            b_ptrs += BLOCK_SIZE_K * stride_bk
 
     if FUSE_SILU:
         # silu(g) * u in fp32 as the activation kernel computes it, rounded once at the store.
@@ -158,6 +195,7 @@ class GemmGeometry(NamedTuple):
     stride_bk: int
     stride_cm: int
     stride_cn: int
+    weight_rows: int = 0  # E * weights.shape[1]: the TMA descriptor's height
 
 
 def gemm_geometry(a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, capacity: int, topk: int,
@@ -171,17 +209,37 @@ def gemm_geometry(a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, cap
     return GemmGeometry(
         n_out, weights.shape[2], capacity, num_slots,
         a.stride(0), a.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
-        out.stride(0), out.stride(1))
+        out.stride(0), out.stride(1), weights.shape[0] * weights.shape[1])
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in global scratch (128 bytes per descriptor and
+    program) that Triton asks of the allocator triton.set_allocator installs; install one
+    backed by torch's caching allocator unless the caller installed their own."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another Triton layout: install ours
+        pass
+    triton.set_allocator(_torch_scratch)
 
 
 def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: float,
             a_rows_per_slot: int, topk: int, mul_routed_weight: bool, atomic_add: bool, atomic_sem: str,
-            dot_in_fp32: bool, a_sorted: bool, c_sorted: bool, fuse_activation: bool):
+            dot_in_fp32: bool, a_sorted: bool, c_sorted: bool, fuse_activation: bool, tma_weights: bool,
+            tma_activations: bool):
     g = geometry
+    if (tma_weights or tma_activations) and not INTERPRETED:
+        _ensure_allocator()
     grid = (triton.cdiv(g.capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(g.n_out, config["BLOCK_SIZE_N"]),)
     launch(_grouped_gemm_kernel, grid)(
         *pointers,
-        g.n_out, g.k_in, g.capacity, g.num_slots,
+        g.n_out, g.k_in, g.capacity, g.num_slots, g.weight_rows,
         g.stride_am, g.stride_ak, g.stride_be, g.stride_bn, g.stride_bk, g.stride_cm, g.stride_cn,
         float(weight_scale),
         BLOCK_SIZE_M=config["BLOCK_SIZE_M"], BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
@@ -192,13 +250,32 @@ def _launch(pointers, geometry: GemmGeometry, config: dict, *, weight_scale: flo
         DOT_IN_FP32=dot_in_fp32,
         ATOMIC_SEM=atomic_sem,
         A_SORTED=a_sorted, C_SORTED=c_sorted, FUSE_SILU=fuse_activation,
+        TMA_B=tma_weights, TMA_A=tma_activations,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
 
+def _check_descriptor_operand(switch: str, name: str, tensor: torch.Tensor) -> None:
+    """A tensor descriptor needs the last dimension contiguous and 16-byte aligned rows."""
+    size = tensor.element_size()
+    if tensor.stride(-1) != 1 or any(stride * size % 16 for stride in tensor.stride()[:-1]) or \
+            tensor.data_ptr() % 16:
+        raise ValueError(f"{switch}: {name} {tuple(tensor.shape)} {tensor.dtype} with strides {tensor.stride()} "
+                         "needs its last stride 1, the others and its address 16-byte aligned")
+
+
 def _check_switches(a, weights, out, aligned: AlignedTokens, *, atomic_add: bool, a_sorted: bool, c_sorted: bool,
-                    fuse_activation: bool, mul_routed_weight: bool) -> None:
+                    fuse_activation: bool, mul_routed_weight: bool, tma_weights: bool, tma_activations: bool) -> None:
     capacity = aligned.sorted_ids.numel()
+    if tma_activations and not a_sorted:
+        raise ValueError("tma_activations needs a_sorted: gathered A rows cannot load through a tensor descriptor")
+    if tma_weights:
+        _check_descriptor_operand("tma_weights", "weights", weights)
+        if weights.stride(0) != weights.shape[1] * weights.stride(1):
+            raise ValueError(f"tma_weights: weights {tuple(weights.shape)} with strides {weights.stride()} are not "
+                             "one [E * rows, K] matrix")
+    if tma_activations:
+        _check_descriptor_operand("tma_activations", "a", a)
     if fuse_activation and (atomic_add or mul_routed_weight):
         raise ValueError("fuse_activation is GEMM 1's epilogue: it stores silu(gate) * up, with neither "
                          "atomic_add nor the router weight")
@@ -229,6 +306,8 @@ def grouped_gemm(
     a_sorted: bool = False,
     c_sorted: bool = False,
     fuse_activation: bool = False,
+    tma_weights: bool = False,
+    tma_activations: bool = False,
 ) -> torch.Tensor:
     """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
 
@@ -242,13 +321,16 @@ def grouped_gemm(
     aligned.sorted_ids.numel(), row p for aligned position p (STORE only); a_sorted reads
     `a` the same way, so it must come from a c_sorted GEMM over the very same `aligned`.
     fuse_activation (GEMM 1: weights [E, 2N, K], gate rows then up rows) stores
-    silu(gate) * up into `out` [slots or capacity, N].
+    silu(gate) * up into `out` [slots or capacity, N]. tma_weights / tma_activations load
+    weight / A tiles through tensor descriptors (tma_activations only with a_sorted); both
+    need the tensor's last stride 1, its other strides and its address 16-byte aligned.
     """
     if config["BLOCK_SIZE_M"] != aligned.block_size_m:
         raise ValueError(
             f"config BLOCK_SIZE_M={config['BLOCK_SIZE_M']} differs from the alignment's {aligned.block_size_m}")
     _check_switches(a, weights, out, aligned, atomic_add=atomic_add, a_sorted=a_sorted, c_sorted=c_sorted,
-                    fuse_activation=fuse_activation, mul_routed_weight=topk_weights is not None)
+                    fuse_activation=fuse_activation, mul_routed_weight=topk_weights is not None,
+                    tma_weights=tma_weights, tma_activations=tma_activations)
     geometry = gemm_geometry(a, weights, out, aligned.sorted_ids.numel(), topk, atomic_add,
                              c_sorted=c_sorted, a_rows_per_slot=a_rows_per_slot, fuse_activation=fuse_activation)
     pointers = (a, weights, out, topk_weights if topk_weights is not None else a,
@@ -257,6 +339,7 @@ def grouped_gemm(
             weight_scale=weight_scale, a_rows_per_slot=a_rows_per_slot, topk=topk,
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
             a_sorted=a_sorted, c_sorted=c_sorted, fuse_activation=fuse_activation,
+            tma_weights=tma_weights, tma_activations=tma_activations,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
             dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)
@@ -266,7 +349,8 @@ def grouped_gemm(
 def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dict, *, topk: int,
                          a_rows_per_slot: int, mul_routed_weight: bool, atomic_add: bool,
                          out_dtype: torch.dtype | None = None, atomic_sem: str = "relaxed",
-                         a_sorted: bool = False, c_sorted: bool = False, fuse_activation: bool = False):
+                         a_sorted: bool = False, c_sorted: bool = False, fuse_activation: bool = False,
+                         tma_weights: bool = False, tma_activations: bool = False):
     """Compile (without launching) the binary that grouped_gemm would run for this geometry;
     returns Triton's compiled kernel.
 
@@ -279,5 +363,6 @@ def compile_grouped_gemm(dtype: torch.dtype, geometry: GemmGeometry, config: dic
     with compile_only() as compiled:
         _launch(pointers, geometry, config, weight_scale=1.0, a_rows_per_slot=a_rows_per_slot, topk=topk,
                 mul_routed_weight=mul_routed_weight, atomic_add=atomic_add, atomic_sem=atomic_sem, dot_in_fp32=False,
-                a_sorted=a_sorted, c_sorted=c_sorted, fuse_activation=fuse_activation)
+                a_sorted=a_sorted, c_sorted=c_sorted, fuse_activation=fuse_activation,
+                tma_weights=tma_weights, tma_activations=tma_activations)
     return compiled[0] if compiled else None  # None: `launch` was replaced by one that compiles nothing

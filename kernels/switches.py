@@ -11,6 +11,10 @@ kernel halves it, GEMM 2 gathers its rows through sorted_ids.
   fuse_activation  SiLU-and-mul in GEMM 1's epilogue: each program computes a gate tile and
                its up tile over the same A tiles and stores silu(gate) * up, so the [rows, 2N]
                buffer and the activation kernel go away. w1 keeps its [E, 2N, K] layout.
+  tma_weights  both GEMMs load weight tiles through tensor descriptors (TMA on Hopper).
+  tma_activations  GEMM 2 loads its A tiles through a tensor descriptor; needs sorted_rows
+               (only then are a block's rows contiguous).
+Triton 3.6's interpreter runs the descriptor loads (grouped_gemm.py says what it does not check).
 """
 
 from __future__ import annotations
@@ -22,12 +26,17 @@ from dataclasses import dataclass
 class KernelSwitches:
     sorted_rows: bool = False
     fuse_activation: bool = False
+    tma_weights: bool = False
+    tma_activations: bool = False
 
     def validate(self) -> "KernelSwitches":
         """Raise ValueError naming the switches of an invalid combination; returns self."""
-        for name in ("sorted_rows", "fuse_activation"):
+        for name in ("sorted_rows", "fuse_activation", "tma_weights", "tma_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.tma_activations and not self.sorted_rows:
+            raise ValueError("tma_activations needs sorted_rows: GEMM 2's A rows are contiguous per block only "
+                             "in the sorted intermediate")
         return self
 
     def check_configs(self, gemm1_config: dict, gemm2_config: dict) -> None:

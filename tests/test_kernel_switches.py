@@ -25,8 +25,11 @@ OTHER = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE
 def valid_combinations():
     """Every combination the rules below allow, written out independently of validate()."""
     combos = []
-    for sorted_rows, fuse_activation in itertools.product([False, True], repeat=2):
-        combos.append(KernelSwitches(sorted_rows=sorted_rows, fuse_activation=fuse_activation))
+    for sorted_rows, fuse_activation, tma_weights, tma_activations in itertools.product([False, True], repeat=4):
+        if tma_activations and not sorted_rows:
+            continue
+        combos.append(KernelSwitches(sorted_rows=sorted_rows, fuse_activation=fuse_activation,
+                                     tma_weights=tma_weights, tma_activations=tma_activations))
     return combos
 
 
@@ -80,3 +83,10 @@ def test_sorted_rows_needs_one_block_size_m_for_both_gemms(rng):
     # Without the switch the two alignments are fine.
     assert_close(run(x, w1, w2, weights, ids, KernelSwitches(), atomic_add=False, config2=wide),
                  moe_reference(x, w1, w2, weights, ids), torch.float32)
+
+
+def test_tma_needs_16_byte_aligned_rows(rng):
+    # K = 36 in fp16: 72-byte weight rows, which a tensor descriptor cannot address.
+    x, w1, w2, weights, ids = make_inputs(3, 4, N, 36, 2, torch.float16, rng)
+    with pytest.raises(ValueError, match="tma_weights.*16-byte"):
+        run(x, w1, w2, weights, ids, KernelSwitches(tma_weights=True), atomic_add=False)
