@@ -14,12 +14,20 @@ kernel halves it, GEMM 2 gathers its rows through sorted_ids.
   tma_weights  both GEMMs load weight tiles through tensor descriptors (TMA on Hopper).
   tma_activations  GEMM 2 loads its A tiles through a tensor descriptor; needs sorted_rows
                (only then are a block's rows contiguous).
-Triton 3.6's interpreter runs the descriptor loads (grouped_gemm.py says what it does not check).
+  split_k      both GEMMs split their K range over split_k programs per tile. Partials are
+               fp32: GEMM 1's [split_k, rows, 2N] are summed by the activation kernel, GEMM 2's
+               [split_k, M, topk, K] by the top-k sum (no extra kernel); GEMM 2's atomic
+               epilogue adds each split's partial into out. Not with fuse_activation (the
+               epilogue is not linear in the partials).
+  persistent   about one program per SM (num_programs), each looping over the live tiles,
+               counted from the aligned rows in use, instead of a worst-case grid.
+Triton 3.6's interpreter runs all of them, the descriptor loads included (grouped_gemm.py
+says what it does not check).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -28,15 +36,24 @@ class KernelSwitches:
     fuse_activation: bool = False
     tma_weights: bool = False
     tma_activations: bool = False
+    split_k: int = 1
+    persistent: bool = False
 
     def validate(self) -> "KernelSwitches":
         """Raise ValueError naming the switches of an invalid combination; returns self."""
-        for name in ("sorted_rows", "fuse_activation", "tma_weights", "tma_activations"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "split_k":
+                if type(value) is not int or value < 1:
+                    raise ValueError(f"split_k must be an int >= 1, got {value!r}")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be a bool, got {value!r}")
         if self.tma_activations and not self.sorted_rows:
             raise ValueError("tma_activations needs sorted_rows: GEMM 2's A rows are contiguous per block only "
                              "in the sorted intermediate")
+        if self.fuse_activation and self.split_k > 1:
+            raise ValueError(f"fuse_activation and split_k = {self.split_k} are incompatible: GEMM 1's "
+                             "silu(gate) * up epilogue cannot run on split-K partials")
         return self
 
     def check_configs(self, gemm1_config: dict, gemm2_config: dict) -> None:

@@ -25,11 +25,13 @@ OTHER = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE
 def valid_combinations():
     """Every combination the rules below allow, written out independently of validate()."""
     combos = []
-    for sorted_rows, fuse_activation, tma_weights, tma_activations in itertools.product([False, True], repeat=4):
+    for sorted_rows, fuse_activation, tma_weights, tma_activations, split_k, persistent in itertools.product(
+            [False, True], [False, True], [False, True], [False, True], [1, 2], [False, True]):
         if tma_activations and not sorted_rows:
-            continue
-        combos.append(KernelSwitches(sorted_rows=sorted_rows, fuse_activation=fuse_activation,
-                                     tma_weights=tma_weights, tma_activations=tma_activations))
+            continue  # GEMM 2's A rows are contiguous only in the sorted intermediate
+        if fuse_activation and split_k > 1:
+            continue  # silu(gate) * up is not linear in the partials
+        combos.append(KernelSwitches(sorted_rows, fuse_activation, tma_weights, tma_activations, split_k, persistent))
     return combos
 
 
