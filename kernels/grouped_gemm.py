@@ -21,6 +21,10 @@ Compile-time switches (all off is the path above; kernels/switches.py holds the 
   tma_activations  A tiles likewise, from a descriptor of `a` as [capacity, K]; only with
             a_sorted, where a block's rows are contiguous (gathered rows would need TMA
             gather, which Hopper lacks).
+  split_k   the K tiles are split over split_k programs per output tile; STORE writes fp32
+            partials [split_k, rows, N] for the next kernel to sum, ATOMIC_ADD adds each.
+  persistent  the grid is num_programs (about one per SM), each program looping over the
+            live tiles, whose count comes from padded_rows: no program starts for padding.
 Triton 3.6's interpreter runs device-side tensor descriptors (bounds, zero padding and the
 16-byte checks included), so it runs the TMA paths as written; it does not model the
 hardware's tensor-map limits (box sides <= 256) nor the allocator's scratch: only a GPU
