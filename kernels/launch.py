@@ -16,14 +16,6 @@ from contextvars import ContextVar
 _compiled: ContextVar[list | None] = ContextVar("compiled", default=None)
 
 
-def interpreted(kernel) -> bool:
-    """Whether Triton runs `kernel` in its interpreter: it chose so when the kernel was defined
-    (TRITON_INTERPRET=1 at that moment), so the kernel itself is what to ask."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
 def launch(kernel, grid):
     """`kernel[grid]`, or under compile_only() a call that compiles and records the kernel."""
     compiled = _compiled.get()
