@@ -116,6 +116,10 @@ def test_writes_csv_json_and_plots(compared):
         assert (out / f"{STEM}_{plot}.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_files_are_readable_by_all_under_umask_022(compared):
+    assert {oct(path.stat().st_mode & 0o777) for path in compared[0].iterdir()} == {oct(0o644)}
+
+
 def test_csv_has_every_contender_checked_and_timed(compared):
     out, _, baseline_file, _, _ = compared
     columns, rows = read_csv(out / f"{STEM}.csv")

@@ -247,6 +247,20 @@ def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(case, tmp_path, mo
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_written_files_are_readable_by_all_under_umask_022(tmp_path, monkeypatch, capsys):
+    table_file = write(tmp_path / "tables", mixed_table())
+    previous = os.umask(0o022)
+    try:
+        assert run_cli(monkeypatch, capsys, "export", "--format", "sglang", "--out", tmp_path / "exported",
+                       "--table", table_file)[0] == 0
+        assert run_cli(monkeypatch, capsys, "import", VLLM_H200, "--out", tmp_path / "imported")[0] == 0
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "exported").rglob("*.json"), *(tmp_path / "imported").rglob("*.json")]
+    assert len(written) == 3
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {oct(0o644)}
+
+
 # --- packaged baselines ------------------------------------------------------------------------
 
 def test_baseline_configs_takes_a_folder_or_a_packaged_name_from_any_directory(tmp_path, monkeypatch):
