@@ -107,8 +107,10 @@ def interleaved_times(timings: Sequence[Callable[[], float]], rounds: int) -> li
     return times
 
 
-def wall_time_us(fn: Callable[[], object], *, repeats: int = 3) -> float:
-    fn()
+def wall_time_us(fn: Callable[[], object], *, repeats: int = 3, warm: bool = True) -> float:
+    """Median wall clock of `repeats` calls, after one untimed call when `warm`."""
+    if warm:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -8,22 +8,19 @@ routing and alignment stay outside the timed region):
   default     configs.default_config for both GEMMs, unfused
   baseline    vLLM/SGLang configs from --baseline-configs (nearest M), unfused
 
-Every input is checked and every config looked up before anything runs; results are
-written (CSV, JSON, two PNGs per shape) only after every measurement succeeded.
+Every config is looked up before anything runs (plan_shape), each contender is checked and
+timed with measure.py (measure_shape), and the results are written (CSV, JSON, and two PNGs
+per shape when matplotlib is installed) only after every measurement succeeded. The command
+line is in cli/compare.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import functools
 import io
 import json
 import math
 import re
-import shlex
-import statistics
-import sys
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -33,12 +30,11 @@ from typing import Callable
 
 import torch
 
-from .device import DeviceInfo, local_device, torch_device
-from .errors import UsageError
+from .device import DeviceInfo, torch_device
+from .measure import GRAPH_TIMER, Check, LayerCase, Timing, check, time_interleaved
 from .shapes import MoEShape
 from .tables import TORCH_DTYPES, write_atomic
-from .cli.flags import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
-                       shapes_and_batch_sizes)
+from .types import Variant
 
 CONTENDERS = ("unfused", "fused", "dispatcher", "default", "baseline")
 SHORT_NAMES = {"unfused": "unf", "fused": "fus", "dispatcher": "disp", "default": "dflt", "baseline": "base"}
@@ -52,7 +48,7 @@ class Contender:
     name: str
     gemm1: dict
     gemm2: dict
-    variant: str
+    variant: Variant
     source: str
     batch_size: int | None  # the table or baseline key the configs were taken from
 
@@ -69,6 +65,7 @@ class CompareSettings:
     tp_size: int
     command_line: str
     rounds: int = 1
+    plots: bool = True  # the PNGs need matplotlib
 
 
 @dataclass
@@ -83,9 +80,16 @@ class ShapePlan:
 @dataclass
 class Measurement:
     contender: Contender
-    time_us: float  # the median of round_us
-    rel_error: float
-    round_us: tuple[float, ...] = ()  # one timing per interleaved round: their spread shows the noise
+    checked: Check
+    timing: Timing
+
+    @property
+    def time_us(self) -> float:
+        return self.timing.median_us
+
+    @property
+    def rel_error(self) -> float:
+        return self.checked.error
 
 
 @dataclass
@@ -121,74 +125,22 @@ class ShapeResult:
     def names(self) -> list[str]:
         return [c.name for c in next(iter(self.plan.contenders.values()))]
 
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_workload_arguments(parser, "GPU to compare on; must match the local one (default: auto)")
-    parser.add_argument("--baseline-configs", default=None, metavar="DIR",
-                        help="folder of vLLM/SGLang config files (see `moetune import`) to add as a contender")
-    parser.add_argument("--out", default="compare", help="folder for the CSV, JSON and PNG files (default ./compare)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved timing rounds per batch size, median kept (default 3 on a GPU, 1 without)")
+    def failures(self) -> list[str]:
+        """'<contender> at M=<M>' for each measurement above the tolerance."""
+        return [f"{name} at M={row.M}" for row in self.rows for name, measured in row.measured.items()
+                if not measured.checked.ok]
 
 
-def build_settings(args: argparse.Namespace) -> CompareSettings:
-    """Check every flag; raises UsageError before anything runs or is written."""
-    shapes, batch_sizes = shapes_and_batch_sizes(args)
-    device = resolve_gpu(args.gpu, local_device())
-    out_dir = Path(args.out)
-    check_out_dir(out_dir, flag="--out")
-    baseline_dir = baseline_folder(args.baseline_configs)
-    dtype = resolve_dtype(args.dtype, device, atomics=True)  # the fused contender always runs
-    rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
-    if rounds < 1:
-        raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    return CompareSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, device=device, out_dir=out_dir,
-                           baseline_dir=baseline_dir, seed=args.seed, tp_size=args.tp_size,
-                           command_line=command_line(args), rounds=rounds)
+PLOTS_NEED_MATPLOTLIB = "plots need matplotlib: pip install 'moetune[plots]'"
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run, rebuilt from the parsed flags."""
-    flags = [("--model", args.model), ("--model-config", args.model_config), ("--E", args.E), ("--topk", args.topk),
-             ("--hidden", args.hidden), ("--intermediate", args.intermediate), ("--tp-size", args.tp_size),
-             ("--gpu", args.gpu), ("--dtype", args.dtype), ("--batch-sizes", args.batch_sizes),
-             ("--baseline-configs", args.baseline_configs), ("--out", args.out), ("--seed", args.seed), ("--rounds", args.rounds)]
-    words = ["moetune", "compare"]
-    for flag, value in flags:
-        if value is not None:
-            words += [flag, str(value)]
-    return shlex.join(words)
-
-
-def main(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
-    plans = [plan_shape(shape, settings) for shape in settings.shapes]
-
-    print(f"comparing on {settings.device.name}, {settings.dtype}, batch sizes {','.join(map(str, settings.batch_sizes))}")
-    if not settings.device.is_gpu:
-        print("no GPU: kernels run in Triton's interpreter; these timings mean nothing about speed")
-    results = []
-    for plan in plans:
-        result = measure_shape(plan, settings)
-        print()
-        print(report_text(result, settings), end="")
-        results.append(result)
-
-    written = write_results(results, settings)
-    for path in written:
-        print(f"wrote {path}")
-    failed = [(result.plan.shape, row.M, name) for result in results for row in result.rows
-              for name, measured in row.measured.items() if not measured.rel_error <= result.tolerance]
-    if failed:
-        where = ", ".join(f"{name} at M={M}" for _, M, name in failed[:6]) + (" ..." if len(failed) > 6 else "")
-        print(f"moetune: error: relative error above tolerance: {where}", file=sys.stderr)
-        return 1
-    return 0
+def plots_available() -> bool:
+    """Whether matplotlib can draw the PNGs here."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,11 +177,11 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
             named.append(("default", None, default_selection(shape.E, shape.N, shape.K, shape.topk, M)))
             for name, variant, selection in named:
                 # The default heuristic's selection says "unfused"; a named contender runs its own variant.
-                row.append(Contender(name, selection.gemm1, selection.gemm2, variant or selection.variant,
+                row.append(Contender(name, selection.gemm1, selection.gemm2, Variant(variant or selection.variant),
                                      selection.source, selection.batch_size))
             if baseline is not None:
                 key1, key2 = nearest_batch_size(baseline.gemm1, M), nearest_batch_size(baseline.gemm2, M)
-                row.append(Contender("baseline", baseline.gemm1[key1], baseline.gemm2[key2], "unfused",
+                row.append(Contender("baseline", baseline.gemm1[key1], baseline.gemm2[key2], Variant.UNFUSED,
                                      " + ".join(baseline.sources), key1 if key1 == key2 else None))
             contenders[M] = row
     for warning in caught:
@@ -245,56 +197,27 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
 
 
 def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
-    from .bench import make_layer_inputs, make_weights, roofline_floor_us
-    from .reference import TOLERANCE, moe_reference
+    """Every contender of every batch size checked against the float64 reference and timed:
+    one LayerCase per batch size (the same inputs for all its contenders), the contenders
+    interleaved over settings.rounds rounds, each one's median kept."""
+    from .bench import make_weights, roofline_floor_us
+    from .reference import TOLERANCE
 
     shape = plan.shape
-    device = torch_device()
     dtype = TORCH_DTYPES[settings.dtype]
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    w1, w2 = make_weights(shape.E, shape.N, shape.K, dtype, device, generator)
-    from .bench import time_us as timer  # CUDA-graph replay on a GPU, wall clock in the interpreter
-
+    generator = torch.Generator(device=torch_device()).manual_seed(settings.seed)
+    w1, w2 = make_weights(shape.E, shape.N, shape.K, dtype, torch_device(), generator)
     rows = []
     for M, contenders in plan.contenders.items():
-        # The same inputs for every contender of this batch size.
-        inputs = make_layer_inputs(M, w1, w2, shape.topk, seed=settings.seed * 1_000_003 + M)
-        reference = moe_reference(inputs.x, w1, w2, inputs.topk_weights, inputs.topk_ids)
-        measured = measure_contenders(contenders, inputs, reference, timer, settings.rounds)
-        experts_hit = inputs.experts_hit
-        floor = roofline_floor_us(M, shape.N, shape.K, shape.topk, experts_hit, dtype_bytes=dtype.itemsize)
-        rows.append(Row(M, experts_hit, floor, measured))
-        del inputs, reference
+        case = LayerCase.random(w1, w2, M, shape.topk, seed=settings.seed * 1_000_003 + M)
+        runs = [case.layer(c.variant, c.gemm1, c.gemm2) for c in contenders]
+        checks = [check(case, run) for run in runs]
+        timings = time_interleaved(runs, settings.rounds, GRAPH_TIMER)
+        floor = roofline_floor_us(M, shape.N, shape.K, shape.topk, case.experts_hit, dtype_bytes=dtype.itemsize)
+        measured = {c.name: Measurement(c, checked, timing) for c, checked, timing in zip(contenders, checks, timings)}
+        rows.append(Row(M, case.experts_hit, floor, measured))
+        del case, runs
     return ShapeResult(plan, rows, TOLERANCE[dtype])
-
-
-def measure_contenders(contenders: list[Contender], inputs, reference: torch.Tensor,
-                       timer: Callable[[Callable[[], object]], float], rounds: int) -> dict[str, Measurement]:
-    """Check each contender once against the reference (out starts as NaN), then time the
-    layers after alignment in interleaved rounds and keep each one's median.
-
-    One timing of a large layer now and then lands 15-20% high (seen on the H200 at
-    M >= 3072, same inputs and config); rounds keep such a draw from deciding the table.
-    """
-    from .bench import interleaved_times
-    from .layer import align_for, run_aligned
-    from .reference import relative_error
-
-    num_experts = inputs.w1.shape[0]
-    layers, errors = {}, {}
-    for contender in contenders:
-        aligned1, aligned2 = align_for(inputs.topk_ids, num_experts, contender.gemm1, contender.gemm2)
-        out = torch.empty(inputs.x.shape, dtype=inputs.x.dtype, device=inputs.x.device)
-
-        def layer(c=contender, a1=aligned1, a2=aligned2, out=out):
-            return run_aligned(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, a1, a2,
-                               c.gemm1, c.gemm2, variant=c.variant, out=out)
-
-        out.fill_(float("nan"))  # an element the kernels skip stays NaN and shows as an infinite error
-        errors[contender.name] = relative_error(layer(), reference)
-        layers[contender.name] = layer
-    times = interleaved_times([functools.partial(timer, layers[c.name]) for c in contenders], rounds)
-    return {c.name: Measurement(c, statistics.median(t), errors[c.name], tuple(t)) for c, t in zip(contenders, times)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +264,7 @@ def report_text(result: ShapeResult, settings: CompareSettings) -> str:
                   _number(row.roofline_ratio("fused"), 6, 2), SHORT_NAMES[row.winner].rjust(3),
                   SHORT_NAMES[row.measured["dispatcher"].contender.variant].rjust(4)]
         cells += [_error(row.measured[n].rel_error, 6) for n in names]
-        flag = "  !" if any(not m.rel_error <= result.tolerance for m in row.measured.values()) else ""
+        flag = "  !" if any(not m.checked.ok for m in row.measured.values()) else ""
         lines.append(" ".join(cells) + flag)
     lines.append("us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
                  "(H200 ceilings);")
@@ -405,7 +328,7 @@ def row_records(result: ShapeResult) -> list[dict]:
         for name in result.names:
             measured = row.measured[name]
             c = measured.contender
-            contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.round_us),
+            contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.timing.rounds_us),
                                 "rel_error": measured.rel_error, "variant": c.variant, "source": c.source,
                                 "table_batch_size": c.batch_size, "gemm1": c.gemm1, "gemm2": c.gemm2}
         summary = (row.speedup, row.roofline_ratio("unfused"), row.roofline_ratio("fused"), row.winner,
@@ -456,7 +379,7 @@ def metadata(settings: CompareSettings) -> dict:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "moetune": __version__},
         "command_line": settings.command_line,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing": (f"CUDA graph of 10 calls, median of 20 replays; median of {settings.rounds} interleaved rounds"
+        "timing": (f"{GRAPH_TIMER.describe()}; median of {settings.rounds} interleaved rounds"
                    if settings.device.is_gpu else "wall clock under Triton's interpreter: meaningless for speed"),
         "roofline": "max(bytes / 4.25 TB/s, FLOPs / 807 TFLOP/s): H200 ceilings",
         "seed": settings.seed,
@@ -526,21 +449,24 @@ def speedup_plot(result: ShapeResult, title: str) -> bytes:
 
 
 def write_results(results: list[ShapeResult], settings: CompareSettings) -> list[Path]:
-    """Render every file first, then write each atomically; returns the paths written."""
+    """Render every file first, then write each atomically; returns the paths written. The
+    PNGs only with settings.plots (they need matplotlib)."""
     meta = metadata(settings)
     files: list[tuple[Path, bytes]] = []
     for result in results:
         stem = file_stem(result.plan.shape, settings.dtype, settings.tp_size)
-        title = f"{result.plan.shape.describe()}, {settings.dtype}, {settings.device.name}"
-        if not settings.device.is_gpu:
-            title += "\n(Triton's interpreter: the times mean nothing about speed)"
-        base = settings.out_dir / stem
         files += [
-            (base.with_name(stem + ".csv"), csv_text(result).encode()),
-            (base.with_name(stem + ".json"), json_text(result, settings, meta).encode()),
-            (base.with_name(stem + "_time.png"), time_plot(result, title)),
-            (base.with_name(stem + "_speedup.png"), speedup_plot(result, title)),
+            (settings.out_dir / f"{stem}.csv", csv_text(result).encode()),
+            (settings.out_dir / f"{stem}.json", json_text(result, settings, meta).encode()),
         ]
+        if settings.plots:
+            title = f"{result.plan.shape.describe()}, {settings.dtype}, {settings.device.name}"
+            if not settings.device.is_gpu:
+                title += "\n(Triton's interpreter: the times mean nothing about speed)"
+            files += [
+                (settings.out_dir / f"{stem}_time.png", time_plot(result, title)),
+                (settings.out_dir / f"{stem}_speedup.png", speedup_plot(result, title)),
+            ]
     for path, data in files:
         write_atomic(path, data)
     return [path for path, _ in files]

@@ -6,13 +6,12 @@ vLLM runs that one config for both GEMMs. SGLang reads GEMM 2's config from a `.
 beside it (falling back to GEMM 1's) and keeps its files in a `triton_X_Y_Z/` folder per
 Triton version. Neither selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`.
 
-Also the `moetune export` and `moetune import` commands: both are registered on this module,
-and the sub-command name picks which one add_arguments sets up.
+Baselines (--baseline-configs) are a folder of such files, or the name of one packaged with
+moetune under `moetune/baselines/`. The commands are in cli/export.py and cli/imports.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -218,7 +217,10 @@ def plan_export(tables: list[tuple[str, dict]], format: str) -> tuple[list[Plann
     return list(planned.values()), messages
 
 
-def _tables_to_export(paths: list[str] | None) -> list[tuple[str, dict]]:
+def tables_to_export(paths: list[str] | None) -> list[tuple[str, dict]]:
+    """(path, table) of the named tables and of every table under the named folders; with
+    no paths, the tables the loader uses on this machine (not those of another device of its
+    family). A missing path or a bad table raises before anything is written."""
     if paths:
         files: list[Path] = []
         for name in paths:
@@ -234,22 +236,14 @@ def _tables_to_export(paths: list[str] | None) -> list[tuple[str, dict]]:
     return [(str(entry.file.path), entry.table) for entry in found]
 
 
-def export_command(args: argparse.Namespace) -> int:
-    tables = _tables_to_export(args.table)
-    if not tables:
-        raise UsageError("no tables found for this device; name them with --table PATH")
-    files, messages = plan_export(tables, args.format)
-    return write_planned(files, messages, Path(args.out))
-
-
-def write_planned(files: list[PlannedFile], messages: list[str], out: Path) -> int:
-    """Write planned vLLM/SGLang files atomically and report each one."""
+def write_planned(files: list[PlannedFile], out: str | os.PathLike) -> list[Path]:
+    """Write planned vLLM/SGLang files under `out`, each atomically; returns their paths."""
+    written = []
     for file in files:
-        write_atomic(out / file.relative, foreign_json(file.configs))
-        print(f"wrote {out / file.relative} ({len(file.configs)} batch sizes, from {file.source})")
-    for message in messages:
-        print(message)
-    return 0
+        path = Path(out) / file.relative
+        write_atomic(path, foreign_json(file.configs))
+        written.append(path)
+    return written
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,11 +296,27 @@ def plan_import(paths: list[str]) -> tuple[list[PlannedFile], list[str]]:
     return list(planned.values()), messages
 
 
-def import_command(args: argparse.Namespace) -> int:
-    files, messages = plan_import(args.paths)
-    if not files:
-        raise UsageError("no vLLM/SGLang config files found in " + " ".join(args.paths))
-    return write_planned(files, messages, Path(args.out))
+# Baselines packaged with moetune, one folder each: --baseline-configs takes a folder's name.
+BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
+
+
+def packaged_baselines() -> dict[str, Path]:
+    """Name -> folder of each baseline packaged with moetune."""
+    if not BASELINES_DIR.is_dir():
+        return {}
+    return {folder.name: folder for folder in sorted(BASELINES_DIR.iterdir()) if folder.is_dir()}
+
+
+def baseline_folder_for(text: str) -> Path:
+    """What --baseline-configs names: a folder of vLLM/SGLang files, else the name of a baseline
+    packaged with moetune (so a command runs the same from any directory)."""
+    if Path(text).is_dir():
+        return Path(text)
+    packaged = packaged_baselines()
+    if text in packaged:
+        return packaged[text]
+    names = ", ".join(packaged) or "none"
+    raise UsageError(f"--baseline-configs {text!r} is neither a folder nor a packaged baseline ({names})")
 
 
 @dataclass
@@ -363,27 +373,3 @@ def _preferred_version(versions: list[tuple[int, int, int] | None]) -> tuple[int
         return running
     versioned = [version for version in versions if version is not None]
     return max(versioned) if versioned else None
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    command = parser.prog.rsplit(" ", 1)[-1]
-    if command == "import":
-        parser.add_argument("paths", nargs="+", metavar="PATH", help="vLLM/SGLang config files, or folders holding them")
-        parser.add_argument("--out", required=True, help="folder to write the normalized files to (for --baseline-configs)")
-        parser.set_defaults(_command=import_command)
-    else:
-        parser.add_argument("--format", required=True, choices=FORMATS, help="which framework's files to write")
-        parser.add_argument("--out", required=True, help="folder to write the files to")
-        parser.add_argument(
-            "--table", nargs="+", action="extend", metavar="PATH",
-            help="tables (or folders of tables) to export; default: those the loader uses on this machine",
-        )
-        parser.set_defaults(_command=export_command)
-
-
-def main(args: argparse.Namespace) -> int:
-    return args._command(args)

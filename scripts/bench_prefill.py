@@ -122,36 +122,42 @@ def eager_ms(forward: Callable[[], object]) -> float:
 
 
 def measure(shape, layers: list[Layer], lengths: list[int], dtype, dtype_name: str, seed: int) -> list[dict]:
+    results = []
+    for tokens in lengths:
+        row = measure_length(shape, layers, tokens, dtype, dtype_name, seed)
+        results.append(row)
+        print_row(row)
+    return results
+
+
+def measure_length(shape, layers: list[Layer], tokens: int, dtype, dtype_name: str, seed: int) -> dict:
+    """Every variant's stack at one prompt length; its inputs are freed on return, before the
+    next length allocates its own."""
     import torch
 
     from moetune.loader import get_config
 
-    results = []
-    for tokens in lengths:
-        generator = torch.Generator(device="cuda").manual_seed(seed * 1_000_003 + tokens)
-        x = torch.randn(tokens, shape.K, dtype=dtype, device="cuda", generator=generator)
-        # Router logits in fp32, as routers compute them; one random set per layer.
-        logits = torch.randn(len(layers), tokens, shape.E, device="cuda", generator=generator)
-        row = {"tokens": tokens, "variants": {}}
-        for name in VARIANTS:
-            selection = get_config(shape.E, shape.N, shape.K, shape.topk, dtype_name, tokens,
-                                   variant=None if name == "dispatcher" else name)
-            variant = selection.variant if name == "dispatcher" else name
+    generator = torch.Generator(device="cuda").manual_seed(seed * 1_000_003 + tokens)
+    x = torch.randn(tokens, shape.K, dtype=dtype, device="cuda", generator=generator)
+    # Router logits in fp32, as routers compute them; one random set per layer.
+    logits = torch.randn(len(layers), tokens, shape.E, device="cuda", generator=generator)
+    row = {"tokens": tokens, "variants": {}}
+    for name in VARIANTS:
+        selection = get_config(shape.E, shape.N, shape.K, shape.topk, dtype_name, tokens,
+                               variant=None if name == "dispatcher" else name)
+        variant = selection.variant if name == "dispatcher" else name
 
-            def forward(selection=selection, variant=variant):
-                return stack_forward(layers, x, logits, shape.topk, shape.renormalize, selection, variant)
+        def forward(selection=selection, variant=variant):
+            return stack_forward(layers, x, logits, shape.topk, shape.renormalize, selection, variant)
 
-            finite = bool(torch.isfinite(forward()).all())
-            timing = time_stack(forward)
-            row["variants"][name] = {"ms": timing.ms, "timing": timing.method, "variant": variant,
-                                     "source": selection.source, "table_batch_size": selection.batch_size,
-                                     "gemm1": selection.gemm1, "gemm2": selection.gemm2, "output_finite": finite}
-        row["fused_speedup"] = row["variants"]["unfused"]["ms"] / row["variants"]["fused"]["ms"]
-        row["fused_saves_ms"] = row["variants"]["unfused"]["ms"] - row["variants"]["fused"]["ms"]
-        results.append(row)
-        print_row(row)
-        del x, logits
-    return results
+        finite = bool(torch.isfinite(forward()).all())
+        timing = time_stack(forward)
+        row["variants"][name] = {"ms": timing.ms, "timing": timing.method, "variant": variant,
+                                 "source": selection.source, "table_batch_size": selection.batch_size,
+                                 "gemm1": selection.gemm1, "gemm2": selection.gemm2, "output_finite": finite}
+    row["fused_speedup"] = row["variants"]["unfused"]["ms"] / row["variants"]["fused"]["ms"]
+    row["fused_saves_ms"] = row["variants"]["unfused"]["ms"] - row["variants"]["fused"]["ms"]
+    return row
 
 
 def print_header() -> None:

@@ -25,7 +25,7 @@ step=${1:?step: tune-qwen3 | tune-qwen2 | compare | quality | sweep | tune-2gpu 
 out=${2:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-baseline=scripts/anchor_configs
+baseline=sglang-vllm-h200  # packaged with moetune (moetune/baselines/)
 timed() { /usr/bin/time -f "wall %e s" "$@"; }
 
 case "$step" in

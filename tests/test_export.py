@@ -18,17 +18,18 @@ import triton
 
 from moetune import cli, loader
 from moetune.configs import CONFIG_KEYS
-from moetune.errors import TableError
+from moetune.errors import TableError, UsageError
 from moetune.export import (
     Baseline,
     ForeignName,
+    baseline_folder_for,
     find_baseline,
     nearest,
+    packaged_baselines,
     plan_export,
     read_foreign_configs,
     sglang_version_folder,
 )
-from moetune.loader import clear_cache
 from moetune.tables import table_path, validate_table, write_table
 from tests.test_tables import CPU, H200, SHAPE, config, entry, make_table, timed
 
@@ -117,8 +118,8 @@ def test_read_real_vllm_file():
 
 
 def test_every_shipped_vllm_and_sglang_file_in_the_repository_reads():
-    root = Path(__file__).parents[1]
-    files = sorted([*DATA.rglob("*.json"), *(root / "scripts" / "anchor_configs").glob("*.json")])
+    files = sorted([*DATA.rglob("*.json"), *(folder / name for folder in packaged_baselines().values()
+                                             for name in os.listdir(folder) if name.endswith(".json"))])
     assert len(files) >= 7
     for path in files:
         assert ForeignName.parse(path.name).file_name == path.name
@@ -197,21 +198,86 @@ def test_export_defaults_to_the_tables_the_loader_uses(tmp_path, monkeypatch, ca
     assert str(used) in stdout
 
 
-def test_export_without_tables_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loader, "local_device", lambda: CPU)
-    status, _, err = run_cli(monkeypatch, capsys, "export", "--format", "sglang", "--out", tmp_path / "out")
-    assert status == 2 and "no tables found" in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+def bad_invocations(tmp_path: Path) -> list[tuple[list, str]]:
+    """(argv, what the one line must name) for `export` and `import`."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    good = write(tmp_path / "tables", make_table())
+    bad_table = tmp_path / "bad.json"
+    bad_table.write_text("{")
+    bad_foreign = tmp_path / "E=8,N=64,device_name=NVIDIA_H200.json"
+    bad_foreign.write_text('{"1": {"BLOCK_SIZE_M": 12}}')
+    other = tmp_path / "weights.json"
+    other.write_text("{}")
+    differs = tmp_path / "vllm" / VLLM_H200.name
+    differs.parent.mkdir()
+    differs.write_text(json.dumps({"1": config(n=16)}))
+    out = tmp_path / "out"
+    export = ["export", "--format", "vllm"]
+    return [
+        (["export", "--format", "xml", "--out", out, "--table", good], "'xml'"),
+        ([*export, "--out", "/proc/moetune-export", "--table", good], "--out '/proc/moetune-export' is not writable"),
+        ([*export, "--out", a_file, "--table", good], f"--out {str(a_file)!r}: {str(a_file)!r} is not a folder"),
+        ([*export, "--out", a_file / "out", "--table", good], "is not a folder"),
+        ([*export, "--out", out, "--table", tmp_path / "missing.json"], f"no such table: {tmp_path / 'missing.json'}"),
+        ([*export, "--out", out, "--table", good, bad_table], str(bad_table)),
+        ([*export, "--out", out], "no tables found"),
+        (["import", VLLM_H200, "--out", "/proc/moetune-import"], "--out '/proc/moetune-import' is not writable"),
+        (["import", VLLM_H200, "--out", a_file], f"--out {str(a_file)!r}"),
+        (["import", tmp_path / "missing", "--out", out], f"no such file or folder: {tmp_path / 'missing'}"),
+        (["import", VLLM_H200, bad_foreign, "--out", out], str(bad_foreign)),
+        (["import", other, "--out", out], f"{other}: not a vLLM/SGLang config file name"),
+        (["import", tmp_path / "tables", "--out", out], f"no vLLM/SGLang config files found in {tmp_path / 'tables'}"),
+        (["import", VLLM_H200, differs, "--out", out], "would both become"),
+    ]
 
 
-def test_export_of_a_bad_table_writes_nothing(tmp_path, monkeypatch, capsys):
-    good = write(tmp_path, make_table())
-    bad = tmp_path / "bad.json"
-    bad.write_text("{")
-    status, _, err = run_cli(monkeypatch, capsys, "export", "--format", "vllm", "--out", tmp_path / "out",
-                             "--table", good, bad)
-    assert status == 2 and str(bad) in err
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("case", range(14))
+def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loader, "local_device", lambda: CPU)  # no tables for it
+    argv, words = bad_invocations(tmp_path)[case]
+    before = sorted(tmp_path.rglob("*"))
+
+    status, stdout, err = run_cli(monkeypatch, capsys, *argv)
+
+    assert status == 2
+    assert len(err.splitlines()) == 1 and err.startswith("moetune: error: ")
+    assert words in err
+    assert stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_written_files_are_readable_by_all_under_umask_022(tmp_path, monkeypatch, capsys):
+    table_file = write(tmp_path / "tables", mixed_table())
+    previous = os.umask(0o022)
+    try:
+        assert run_cli(monkeypatch, capsys, "export", "--format", "sglang", "--out", tmp_path / "exported",
+                       "--table", table_file)[0] == 0
+        assert run_cli(monkeypatch, capsys, "import", VLLM_H200, "--out", tmp_path / "imported")[0] == 0
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "exported").rglob("*.json"), *(tmp_path / "imported").rglob("*.json")]
+    assert len(written) == 3
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {oct(0o644)}
+
+
+# --- packaged baselines ------------------------------------------------------------------------
+
+def test_baseline_configs_takes_a_folder_or_a_packaged_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = baseline_folder_for("sglang-vllm-h200")
+    assert folder == packaged_baselines()["sglang-vllm-h200"] and folder.is_absolute()
+    qwen3 = find_baseline(folder, 128, 768, "NVIDIA H200")
+    assert qwen3.gemm1 == qwen3.gemm2 and 1 in qwen3.gemm1
+    deepseek = find_baseline(folder, 256, 512, "NVIDIA_H200")
+    assert len(deepseek.sources) == 2 and deepseek.sources[1].endswith("_down.json")
+    assert find_baseline(folder, 64, 2560, "NVIDIA_H200") is not None
+    # A folder of that name in the working directory is what the user means.
+    (tmp_path / "sglang-vllm-h200").mkdir()
+    assert baseline_folder_for("sglang-vllm-h200") == Path("sglang-vllm-h200")
+    with pytest.raises(UsageError) as raised:
+        baseline_folder_for("no-such-baseline")
+    assert "--baseline-configs 'no-such-baseline'" in str(raised.value) and "sglang-vllm-h200" in str(raised.value)
 
 
 # --- import and find_baseline ----------------------------------------------------------------
@@ -244,18 +310,6 @@ def test_import_a_folder_skips_other_files(tmp_path, monkeypatch, capsys):
     assert status == 0, err
     assert "skipped" in stdout and "notes.json" in stdout
     assert len(list((tmp_path / "out").rglob("*.json"))) == 3
-
-
-def test_import_of_a_bad_file_writes_nothing(tmp_path, monkeypatch, capsys):
-    bad = tmp_path / "E=8,N=64,device_name=NVIDIA_H200.json"
-    bad.write_text('{"1": {"BLOCK_SIZE_M": 12}}')
-    status, _, err = run_cli(monkeypatch, capsys, "import", VLLM_H200, bad, "--out", tmp_path / "out")
-    assert status == 2 and str(bad) in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-    other = tmp_path / "weights.json"
-    other.write_text("{}")
-    status, _, err = run_cli(monkeypatch, capsys, "import", other, "--out", tmp_path / "out")
-    assert status == 2 and "not a vLLM/SGLang config file name" in err
 
 
 @pytest.mark.parametrize("format", ["vllm", "sglang"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from ..device import DeviceInfo
@@ -91,8 +92,9 @@ def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> s
 
 
 def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
-    """Refuse an output folder that cannot be written, before anything is written; the error
-    names the command's `flag`."""
+    """Refuse an output folder that cannot be written, before anything is written: a file is
+    created and removed in the nearest folder that exists (os.access says yes to root even
+    where the kernel refuses, as in /proc). The error names the command's `flag`."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -100,8 +102,13 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(path)!r} is not writable")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".moetune-probe-", dir=probe)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise UsageError(f"{flag} {str(path)!r} is not writable (creating a file in {str(probe)!r} failed: "
+                         f"{error.strerror or error})") from None
 
 
 def check_storage(url: str) -> None:
