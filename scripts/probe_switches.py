@@ -26,8 +26,8 @@ from moetune.reference import TOLERANCE, moe_reference, relative_error
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # name -> (E, topk, K, N, tuned table or (GEMM 1 file, GEMM 2 file) of the anchor)
     "qwen3": (128, 8, 2048, 768, ROOT / "tuned_configs/NVIDIA_H200/E=128,N=768,K=2048,topk=8,dtype=bf16.json"),
-    "deepseek": (256, 8, 7168, 512, (ROOT / "scripts/anchor_configs/E=256,N=512,device_name=NVIDIA_H200.json",
-                                     ROOT / "scripts/anchor_configs/E=256,N=512,device_name=NVIDIA_H200_down.json")),
+    "deepseek": (256, 8, 7168, 512, (ROOT / "moetune/baselines/sglang-vllm-h200/E=256,N=512,device_name=NVIDIA_H200.json",
+                                     ROOT / "moetune/baselines/sglang-vllm-h200/E=256,N=512,device_name=NVIDIA_H200_down.json")),
 }
 SWITCHES = {
     "off": KernelSwitches(),
