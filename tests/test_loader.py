@@ -391,7 +391,7 @@ def test_show_lists_tables_in_lookup_order(tmp_path, monkeypatch, capsys):
     assert any("invalid" in line for line in lines) and "empty file" in out
     assert lines.index(row[env_path]) < lines.index(row[packaged_path])
     # Per batch size: the variant picked and both configs, compact.
-    assert any(line.split()[:3] == ["1", "fused", "winner"] and "M16 N32 K128 G1 w4 s3" in line for line in lines)
+    assert any(line.split()[:3] == ["1", "fused", "winner"] and "M16 N32 K64 G1 w4 s3" in line for line in lines)
     assert any(line.split()[:3] == ["256", "fused", "winner"] for line in lines)
 
 
