@@ -177,7 +177,8 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
             named.append(("default", None, default_selection(shape.E, shape.N, shape.K, shape.topk, M)))
             for name, variant, selection in named:
                 # The default heuristic's selection says "unfused"; a named contender runs its own variant.
-                row.append(Contender(name, selection.gemm1, selection.gemm2, Variant(variant or selection.variant),
+                row.append(Contender(name, selection.gemm1.to_json(), selection.gemm2.to_json(),
+                                     Variant(variant or selection.variant),
                                      selection.source, selection.batch_size))
             if baseline is not None:
                 key1, key2 = nearest_batch_size(baseline.gemm1, M), nearest_batch_size(baseline.gemm2, M)

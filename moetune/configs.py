@@ -1,4 +1,5 @@
-"""Launch configs of the grouped GEMM: the six keys, their validation and the default heuristic."""
+"""Launch configs of the grouped GEMM: the six keys, their validation, the default heuristic
+and the short form tables are shown in."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def default_config(M: int, E: int, N: int, K: int, topk: int, *,
 def shared_memory_estimate(config: Mapping[str, int], dtype_bytes: int) -> int:
     """Bytes of shared memory one program of this config needs (LaunchConfig.shared_memory_bytes)."""
     return LaunchConfig.from_json(config, unknown="ignore").shared_memory_bytes(dtype_bytes)
+
+
+def compact_config(config: LaunchConfig | Mapping[str, int]) -> str:
+    """A config in one short word per key, e.g. `M64 N128 K64 G8 w4 s3`."""
+    if isinstance(config, LaunchConfig):
+        config = config.to_json()
+    return (
+        f"M{config['BLOCK_SIZE_M']} N{config['BLOCK_SIZE_N']} K{config['BLOCK_SIZE_K']} "
+        f"G{config['GROUP_SIZE_M']} w{config['num_warps']} s{config['num_stages']}"
+    )

@@ -15,6 +15,23 @@ from .types import HOPPER_SHARED_MEMORY_BYTES
 CPU_KEY = "cpu"
 INTERPRET_ENV = "TRITON_INTERPRET"
 
+# Shared memory a block may opt in to, per compute capability (CUDA programming guide,
+# "Technical Specifications per Compute Capability"): what a table tuned on such a device
+# was pruned against.
+SHARED_MEMORY_BY_CAPABILITY = {
+    (7, 0): 98304, (7, 5): 65536,
+    (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376,
+    (9, 0): 232448, (10, 0): 232448, (10, 3): 232448, (12, 0): 101376,
+}
+
+
+def shared_memory_for_capability(capability: tuple[int, int] | None) -> int:
+    """Shared memory per block on a device of this compute capability; Hopper's when the
+    capability is unknown or None (the interpreter, which has no limit of its own)."""
+    if capability is None:
+        return HOPPER_SHARED_MEMORY_BYTES
+    return SHARED_MEMORY_BY_CAPABILITY.get(tuple(capability), HOPPER_SHARED_MEMORY_BYTES)
+
 
 def gpu_count() -> int:
     """CUDA GPUs this process may use, asked of the driver's NVML library.

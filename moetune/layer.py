@@ -8,15 +8,15 @@ GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two varian
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from .configs import check_config
-from .device import interpreter_enabled
+from .device import INTERPRET_ENV, interpreter_enabled
 from .kernels import align_tokens, grouped_gemm, select_experts, silu_and_mul, topk_sum
-from .loader import get_config
-from .tables import TORCH_DTYPES, VARIANTS
+from .loader import get_config, warn_once
+from .tables import TORCH_DTYPES
+from .types import LaunchConfig, Variant, unknown_keys
 
 DTYPES = tuple(TORCH_DTYPES.values())
 ACCUMULATIONS = (None, "fp32")
@@ -71,7 +71,18 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out) -> None:
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but hidden_states is on {device}")
     if device.type != "cuda" and not interpreter_enabled():
-        raise ValueError(f"tensors are on {device}: the kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        raise ValueError(f"tensors are on {device}: the kernels need a CUDA device, or Triton's interpreter on the "
+                         f"CPU (set {INTERPRET_ENV}=1 before moetune's kernels are first imported)")
+
+
+def _given_config(config: LaunchConfig | Mapping, what: str) -> LaunchConfig:
+    """A config passed in; a key the kernel does not know is ignored with a warning (once)."""
+    if isinstance(config, LaunchConfig):
+        return config
+    checked = LaunchConfig.from_json(config, what, unknown="ignore")
+    for key in unknown_keys(config):
+        warn_once(f"unknown key:{key}", f"{what}[{key!r}]: the kernel has no such launch config key; ignoring it")
+    return checked
 
 
 def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic):
@@ -84,9 +95,9 @@ def _select_configs(hidden_states, w1, topk, variant, config, down_config, deter
         return selection.gemm1, selection.gemm2, selection.variant
     if config is None:
         raise ValueError("down_config was given without config; pass both or neither")
-    gemm1 = check_config(config, "config")
-    gemm2 = check_config(down_config, "down_config") if down_config is not None else gemm1
-    return gemm1, gemm2, variant or "unfused"
+    gemm1 = _given_config(config, "config")
+    gemm2 = _given_config(down_config, "down_config") if down_config is not None else gemm1
+    return gemm1, gemm2, variant or Variant.UNFUSED
 
 
 def fused_experts(
@@ -96,9 +107,9 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
-    variant: str | None = None,
-    config: dict | None = None,
-    down_config: dict | None = None,
+    variant: str | Variant | None = None,
+    config: LaunchConfig | Mapping | None = None,
+    down_config: LaunchConfig | Mapping | None = None,
     routed_scaling_factor: float | None = None,
     out: torch.Tensor | None = None,
     accumulation: str | None = None,
@@ -108,16 +119,18 @@ def fused_experts(
 
     variant: "unfused" or "fused"; None takes the tuned table's winner for this M (or
         "unfused" when `config` is given).
-    config / down_config: launch configs of GEMM 1 / GEMM 2 (six keys each); down_config
-        defaults to config; without either, the dispatcher picks them from the tables.
+    config / down_config: launch configs of GEMM 1 / GEMM 2 (LaunchConfigs, or dicts of the
+        six keys; other keys are ignored with a warning); down_config defaults to config;
+        without either, the dispatcher picks them from the tables (the default heuristic
+        serves a shape no table has, for the variant asked).
     routed_scaling_factor: multiplies the output (applied with the router weight).
     accumulation: "fp32" makes the fused variant add into an fp32 buffer and cast once,
         which matches the unfused result; None adds in the output dtype.
     deterministic: never pick the atomic (fused) path when choosing from the tables.
     Returns out [M, K] in the input dtype.
     """
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant must be 'unfused' or 'fused', got {variant!r}")
+    if variant is not None:
+        variant = Variant.parse(variant)
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation must be None or 'fp32', got {accumulation!r}")
     if routed_scaling_factor is not None and not isinstance(routed_scaling_factor, (int, float)):
@@ -140,12 +153,18 @@ def fused_experts(
                        accumulation=accumulation)
 
 
-def align_for(topk_ids: torch.Tensor, num_experts: int, gemm1: dict, gemm2: dict):
+def _kernel_config(config: LaunchConfig | Mapping) -> Mapping[str, int]:
+    """The form the kernels take: a dict of the six keys (they import nothing from moetune)."""
+    return config.to_json() if isinstance(config, LaunchConfig) else config
+
+
+def align_for(topk_ids: torch.Tensor, num_experts: int, gemm1: LaunchConfig | Mapping, gemm2: LaunchConfig | Mapping):
     """Alignments for GEMM 1 and GEMM 2: one when their BLOCK_SIZE_M agree, else two."""
-    aligned1 = align_tokens(topk_ids, num_experts, gemm1["BLOCK_SIZE_M"])
-    if gemm2["BLOCK_SIZE_M"] == gemm1["BLOCK_SIZE_M"]:
+    block1, block2 = _kernel_config(gemm1)["BLOCK_SIZE_M"], _kernel_config(gemm2)["BLOCK_SIZE_M"]
+    aligned1 = align_tokens(topk_ids, num_experts, block1)
+    if block2 == block1:
         return aligned1, aligned1
-    return aligned1, align_tokens(topk_ids, num_experts, gemm2["BLOCK_SIZE_M"])
+    return aligned1, align_tokens(topk_ids, num_experts, block2)
 
 
 def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, *,
@@ -159,6 +178,7 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     m, k = hidden_states.shape
     num_experts, two_n, _ = w1.shape
     topk = topk_ids.shape[1]
+    gemm1, gemm2 = _kernel_config(gemm1), _kernel_config(gemm2)
     if out is None:
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
@@ -167,7 +187,7 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     grouped_gemm(hidden_states, w1, gate_up, aligned1, gemm1, topk=topk, a_rows_per_slot=topk)
     activation = silu_and_mul(gate_up)
 
-    if variant == "unfused":
+    if Variant(variant) is Variant.UNFUSED:
         down = torch.empty(m, topk, k, dtype=hidden_states.dtype, device=hidden_states.device)
         grouped_gemm(activation, w2, down.view(m * topk, k), aligned2, gemm2, topk=topk, a_rows_per_slot=1,
                      topk_weights=topk_weights, weight_scale=scale)

@@ -6,18 +6,17 @@ Lookup order for one (device, shape, dtype), first usable table wins:
 2. the packaged tables (`tuned_configs/`, installed as `moetune.tuned_configs`);
 3. a table of the same shape tuned on another device with the same compute capability
    (an H100 table on an H200), with a one-time warning;
-4. configs.default_config for both GEMMs, unfused, with a one-time warning that prints
-   the command that would tune this shape.
+4. configs.default_config for both GEMMs, with a one-time warning that prints the
+   command that would tune this shape.
 
-A bad table never crashes the dispatcher: it is skipped with a one-time warning, unless
-strict mode (strict=True or MOETUNE_STRICT=1) asks for a TableError instead.
-
-Also the `moetune show` command.
+A bad table (anything at a table's path that is not a valid table: a folder, an
+unreadable or truncated file, a config out of bounds or too large for its device) never
+crashes the dispatcher: it is skipped with a one-time warning, unless strict mode
+(strict=True or MOETUNE_STRICT=1) asks for a TableError instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import importlib.resources
 import operator
@@ -30,10 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .configs import default_config
-from .device import CPU_KEY, DeviceInfo, device_key, local_device
-from .errors import TableError, UsageError
-from .tables import VARIANTS, dtype_name, parse_table_file_name, read_table, table_file_name
+from .configs import compact_config, default_config  # noqa: F401 - compact_config: compare imports it here
+from .device import DeviceInfo, device_key, local_device, shared_memory_for_capability
+from .errors import TableError
+from .tables import Table, dtype_name, parse_table_file_name, read_record, table_file_name
+from .types import LaunchConfig, Variant
 
 ENV_CONFIG_DIR = "MOETUNE_CONFIG_DIR"
 ENV_STRICT = "MOETUNE_STRICT"
@@ -58,25 +58,19 @@ PACKAGED_DIR: Path = _packaged_dir()
 
 
 class ConfigWarning(UserWarning):
-    """A table was skipped, borrowed from another device, or none was found."""
+    """A table was skipped, borrowed from another device, or none was found; or a
+    config given to the layer holds a key the kernel does not know."""
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The launch configs for one layer call. Shared between calls: do not mutate the dicts."""
+    """The launch configs for one layer call (shared between calls)."""
 
-    gemm1: dict
-    gemm2: dict
-    variant: str  # "unfused" | "fused"
+    gemm1: LaunchConfig
+    gemm2: LaunchConfig
+    variant: Variant
     source: str  # the table's path, or "default heuristic"
     batch_size: int | None  # the table key used; None for the default heuristic
-
-
-@dataclass(frozen=True)
-class _Device:
-    name: str
-    key: str
-    compute_capability: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -97,23 +91,25 @@ class _ShapeSource:
     N: int
     K: int
     topk: int
-    table: Mapping | None
+    table: Table | None
     path: str | None
-    wanted: str | None  # None: the table's winner
+    wanted: Variant | None  # None: the table's winner
+    shared_memory_bytes: int  # of the device, for the default heuristic
 
     def select(self, M: int) -> Selection:
         if self.table is None:
-            return default_selection(self.E, self.N, self.K, self.topk, M)
+            return default_selection(self.E, self.N, self.K, self.topk, M, self.wanted or Variant.UNFUSED,
+                                     shared_memory_bytes=self.shared_memory_bytes)
         selection = pick(self.table, M, self.wanted, self.path)
         if selection.source == DEFAULT_SOURCE:
-            _warn_once(f"novariant:{self.path}:{self.wanted}",
-                       f"{self.path} has no {self.wanted} configs; using the default heuristic for that variant")
+            warn_once(f"novariant:{self.path}:{self.wanted}",
+                      f"{self.path} has no {self.wanted} configs; using the default heuristic for that variant")
         return selection
 
 
 _selections: dict[tuple, Selection] = {}
 _sources: dict[tuple, _ShapeSource] = {}  # the _selections key without M
-_tables: dict[str, dict | TableError] = {}
+_tables: dict[str, Table | TableError] = {}
 _warned: set[str] = set()
 
 
@@ -129,23 +125,14 @@ def clear_cache() -> None:
     _warned.clear()
 
 
-def get_config(
-    E: int,
-    N: int,
-    K: int,
-    topk: int,
-    dtype: Any,
-    M: int,
-    *,
-    variant: str | None = None,
-    device: str | DeviceInfo | None = None,
-    deterministic: bool | None = None,
-    strict: bool | None = None,
-) -> Selection:
+def get_config(E: int, N: int, K: int, topk: int, dtype: Any, M: int, *, variant: str | Variant | None = None,
+               device: str | DeviceInfo | None = None, deterministic: bool | None = None,
+               strict: bool | None = None) -> Selection:
     """Launch configs of both GEMMs for M tokens of one MoE shape.
 
     dtype: "bf16"/"fp16"/"fp32" or the torch dtype. variant: None picks the table's winner;
-    "unfused"/"fused" forces one. device: a device name or key, None for this machine.
+    "unfused"/"fused" forces one (the default heuristic serves either when no table has it).
+    device: a device name or key, None for this machine.
     deterministic (default: MOETUNE_DETERMINISTIC=1) never picks the atomic "fused" variant.
     strict (default: MOETUNE_STRICT=1) raises TableError on a bad table instead of skipping it.
     """
@@ -164,7 +151,7 @@ def get_config(
     return selection
 
 
-def load_table(path: str | os.PathLike, *, strict: bool = True) -> dict | None:
+def load_record(path: str | os.PathLike, *, strict: bool = True) -> Table | None:
     """Read and validate a table once per process.
 
     strict: a bad table raises TableError; otherwise it warns once and returns None.
@@ -173,16 +160,22 @@ def load_table(path: str | os.PathLike, *, strict: bool = True) -> dict | None:
     table = _tables.get(name)
     if table is None:
         try:
-            table = read_table(path)
+            table = read_record(path)
         except TableError as error:
             table = error
         _tables[name] = table
     if isinstance(table, TableError):
         if strict:
             raise table
-        _warn_once(f"bad:{name}", f"{table}; skipping it")
+        warn_once(f"bad:{name}", f"{table}; skipping it")
         return None
     return table
+
+
+def load_table(path: str | os.PathLike, *, strict: bool = True) -> dict | None:
+    """load_record, in the JSON form tables.validate_table returns."""
+    table = load_record(path, strict=strict)
+    return None if table is None else table.to_json()
 
 
 def nearest_batch_size(batch_sizes: Iterable[int], M: int) -> int:
@@ -220,8 +213,25 @@ def _device_folders(root: Path) -> list[Path]:
         return []
 
 
-def candidate_files(file_name: str, device: _Device) -> list[TableFile]:
-    """Every file that could serve one table name on `device`, in lookup order.
+def device_keys_with_tables() -> list[str]:
+    """Keys of the devices that have a folder of tables in MOETUNE_CONFIG_DIR or the package."""
+    return sorted({folder.name for root, _ in _roots() for folder in _device_folders(root)})
+
+
+def _present(path: Path) -> bool:
+    """Whether anything stands at `path`: a file, a folder, a broken link. What is there but
+    cannot be read is reported when it is read, like any bad table."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def candidate_files(file_name: str, device: DeviceInfo) -> list[TableFile]:
+    """Everything at a path that could serve one table name on `device`, in lookup order.
 
     Same-family candidates are listed by folder; whether their compute capability matches
     is known only once the table is read.
@@ -234,41 +244,40 @@ def candidate_files(file_name: str, device: _Device) -> list[TableFile]:
             for folder in _device_folders(root):
                 if folder.name != device.key:
                     family.append(TableFile(folder / file_name, FROM_FAMILY, folder.name))
-    return [candidate for candidate in exact + family if candidate.path.is_file()]
+    return [candidate for candidate in exact + family if _present(candidate.path)]
 
 
-def _same_family(table: Mapping, device: _Device) -> bool:
-    capability = table["device"]["compute_capability"]
-    return capability is not None and tuple(capability) == device.compute_capability
+def _same_family(table: Table, device: DeviceInfo) -> bool:
+    capability = table.device.compute_capability
+    return capability is not None and capability == device.compute_capability
 
 
-def _resolve_device(device: str | DeviceInfo | None, strict: bool) -> _Device:
+def resolve_device(device: str | DeviceInfo | None = None, strict: bool = False) -> DeviceInfo:
+    """The device a lookup is for: this machine's (None or its name), or another named one.
+
+    Another machine's compute capability, needed for the family fallback, and its full
+    name are known only from a table tuned on it.
+    """
     if isinstance(device, DeviceInfo):
-        return _Device(device.name, device.key, device.compute_capability)
+        return device
     if device is not None and (not isinstance(device, str) or not device.strip()):
         raise ValueError(f"device must be a device name or key, got {device!r}")
     local = local_device()
     if device is None or device_key(device) == local.key:
-        return _Device(local.name, local.key, local.compute_capability)
+        return local
     key = device_key(device)
-    # Another machine's device: its compute capability, needed for the family fallback,
-    # and its full name are known only from a table tuned on it.
-    return _device_from_tables(key, strict) or _Device(device.strip(), key, None)
-
-
-def _device_from_tables(key: str, strict: bool) -> _Device | None:
     for root, _ in _roots():
         folder = root / key
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            table = load_table(path, strict=strict)
+            table = load_record(path, strict=strict)
             if table is not None:
-                device = table["device"]
-                capability = device["compute_capability"]
-                return _Device(device["name"], key, tuple(capability) if capability is not None else None)
-    return None
+                capability = table.device.compute_capability
+                return DeviceInfo(table.device.name, key, capability, shared_memory_for_capability(capability))
+    return DeviceInfo(device.strip(), key, None, shared_memory_for_capability(None))
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether an environment variable is set to 1, true, yes or on."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -287,70 +296,85 @@ def _whole_number(name: str, value: Any, smallest: int) -> int:
     return number
 
 
+def _variant(variant: Any) -> Variant | None:
+    if variant is None:
+        return None
+    try:
+        return Variant(variant)
+    except ValueError:
+        raise ValueError(f"variant must be one of {', '.join(v.value for v in Variant)} or None, got {variant!r}") from None
+
+
 def _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict) -> _ShapeSource:
     E, N, K = _whole_number("E", E, 1), _whole_number("N", N, 1), _whole_number("K", K, 1)
     topk = _whole_number("topk", topk, 1)
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)} or None, got {variant!r}")
+    variant = _variant(variant)
     dtype = dtype_name(dtype)
-    strict = _env_flag(ENV_STRICT) if strict is None else bool(strict)
-    deterministic = _env_flag(ENV_DETERMINISTIC) if deterministic is None else bool(deterministic)
-    if deterministic and variant == "fused":
+    strict = env_flag(ENV_STRICT) if strict is None else bool(strict)
+    deterministic = env_flag(ENV_DETERMINISTIC) if deterministic is None else bool(deterministic)
+    if deterministic and variant is Variant.FUSED:
         raise ValueError(
             f"variant 'fused' uses atomic adds, which deterministic mode forbids "
             f"(deterministic=True or {ENV_DETERMINISTIC}=1)"
         )
-    wanted = variant or ("unfused" if deterministic else None)
-    target = _resolve_device(device, strict)
+    wanted = variant or (Variant.UNFUSED if deterministic else None)
+    target = resolve_device(device, strict)
 
     file_name = table_file_name(E, N, K, topk, dtype)
     shape = file_name.removesuffix(".json")
     for candidate in candidate_files(file_name, target):
-        table = load_table(candidate.path, strict=strict)
+        table = load_record(candidate.path, strict=strict)
         if table is None:
             continue
         if candidate.origin == FROM_FAMILY:
             if not _same_family(table, target):
                 continue
-            _warn_once(
+            warn_once(
                 f"family:{candidate.path}:{target.key}",
                 f"no table for {shape} on {target.name}; using {candidate.path}, tuned on "
-                f"{table['device']['name']} (same compute capability)",
+                f"{table.device.name} (same compute capability)",
             )
         _warn_if_other_triton(table, candidate.path)
-        return _ShapeSource(E, N, K, topk, table, str(candidate.path), wanted)
+        return _ShapeSource(E, N, K, topk, table, str(candidate.path), wanted, target.shared_memory_bytes)
 
-    _warn_once(
+    warn_once(
         f"default:{target.key}:{file_name}",
         f"no tuned table for {shape} on {target.name}; using the default heuristic. "
         f"Tune this shape with: {tune_command(target.name, E, N, K, topk, dtype)}",
     )
-    return _ShapeSource(E, N, K, topk, None, None, wanted)
+    return _ShapeSource(E, N, K, topk, None, None, wanted, target.shared_memory_bytes)
 
 
-def pick(table: Mapping, M: int, variant: str | None, source: str) -> Selection:
-    """Configs of a validated table for M tokens: the nearest batch size and its variant.
+def pick(table: Table | Mapping, M: int, variant: str | Variant | None, source: str) -> Selection:
+    """Configs of a table for M tokens: the nearest batch size and its variant.
 
     variant None takes the winner at the nearest batch size; a named variant takes the
-    nearest batch size that has it, or the default heuristic when none has it.
+    nearest batch size that has it, or the default heuristic for that variant when none has
+    it. `table` is a Table, or its JSON form (validated here, errors naming `source`).
     """
-    entries = table["batch_sizes"]
+    if not isinstance(table, Table):
+        table = Table.from_json(table, source)
+    entries = table.batch_sizes
+    variant = _variant(variant)
     if variant is None:
         batch_size = nearest_batch_size(entries, M)
-        variant = entries[batch_size]["winner"]
+        variant = entries[batch_size].winner
     else:
-        having = [size for size, entry in entries.items() if variant in entry]
+        having = [size for size, entry in entries.items() if variant in entry.variants]
         if not having:
-            shape = table["shape"]
-            return default_selection(shape["E"], shape["N"], shape["K"], shape["topk"], M)
+            shape = table.shape
+            return default_selection(shape.E, shape.N, shape.K, shape.topk, M, variant,
+                                     shared_memory_bytes=table.device.shared_memory_bytes)
         batch_size = nearest_batch_size(having, M)
-    configs = entries[batch_size][variant]
-    return Selection(configs["gemm1"], configs["gemm2"], variant, source, batch_size)
+    chosen = entries[batch_size].variants[variant]
+    return Selection(chosen.gemm1, chosen.gemm2, variant, source, batch_size)
 
 
-def default_selection(E: int, N: int, K: int, topk: int, M: int) -> Selection:
-    config = default_config(M, E, N, K, topk)
-    return Selection(config, dict(config), "unfused", DEFAULT_SOURCE, None)
+def default_selection(E: int, N: int, K: int, topk: int, M: int, variant: str | Variant = Variant.UNFUSED, *,
+                      shared_memory_bytes: int | None = None) -> Selection:
+    """The default heuristic's configs, for either variant (both GEMMs get the same config)."""
+    config = LaunchConfig.from_json(default_config(M, E, N, K, topk, shared_memory_bytes=shared_memory_bytes))
+    return Selection(config, config, Variant(variant), DEFAULT_SOURCE, None)
 
 
 def tune_command(device_name: str, E: int, N: int, K: int, topk: int, dtype: str) -> str:
@@ -372,18 +396,19 @@ def _major_minor(version: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def _warn_if_other_triton(table: Mapping, path: Path) -> None:
-    tuned_with = table["versions"]["triton"]
+def _warn_if_other_triton(table: Table, path: Path) -> None:
+    tuned_with = table.versions["triton"]
     running = _running_triton()
     if _major_minor(tuned_with) != _major_minor(running):
-        _warn_once(
+        warn_once(
             f"triton:{path}",
-            f"{path} was tuned with Triton {tuned_with} but Triton {running} is running; "
+            f"{path} was tuned with Triton {tuned_with[:40]} but Triton {running} is running; "
             f"its configs are used, but may no longer be the fastest",
         )
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """A ConfigWarning, given once per `key` until clear_cache()."""
     if key in _warned:
         return
     _warned.add(key)
@@ -397,17 +422,23 @@ def _warn_once(key: str, message: str) -> None:
 @dataclass(frozen=True)
 class FoundTable:
     file: TableFile
-    table: dict | None  # None: the file is not a valid table
+    record: Table | None  # None: the file is not a valid table
     error: str | None
     used: bool  # False: shadowed by an earlier source, another family, or invalid
+
+    @property
+    def table(self) -> dict | None:
+        """The table's JSON form (tables.validate_table's), or None."""
+        return None if self.record is None else self.record.to_json()
 
 
 def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
     """Every table file the loader could read for `device`, in lookup order, per shape.
 
-    Bad files are listed with their error instead of raising or warning.
+    Bad files (a folder or unreadable file at a table's path included) are listed with
+    their error instead of raising or warning.
     """
-    target = _resolve_device(device, strict=False)
+    target = resolve_device(device, strict=False)
     names: set[str] = set()
     for root, _ in _roots():
         folders = _device_folders(root) if target.compute_capability is not None else [root / target.key]
@@ -418,7 +449,7 @@ def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
         used_one = False
         for candidate in candidate_files(name, target):
             try:
-                table, error = read_table(candidate.path), None
+                table, error = read_record(candidate.path), None
             except TableError as problem:
                 table, error = None, str(problem)
             if table is not None and candidate.origin == FROM_FAMILY and not _same_family(table, target):
@@ -431,95 +462,3 @@ def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
 
 def _shape_order(name: str) -> tuple:
     return parse_table_file_name(name) or (0, 0, 0, 0, name)
-
-
-# ---------------------------------------------------------------------------------------
-# moetune show
-
-
-def compact_config(config: Mapping[str, int]) -> str:
-    """e.g. `M64 N128 K64 G8 w4 s3`."""
-    return (
-        f"M{config['BLOCK_SIZE_M']} N{config['BLOCK_SIZE_N']} K{config['BLOCK_SIZE_K']} "
-        f"G{config['GROUP_SIZE_M']} w{config['num_warps']} s{config['num_stages']}"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpu", help="device name or key (default: this machine's device)")
-    parser.add_argument("--E", type=int, help="only tables with this many experts")
-    parser.add_argument("--topk", type=int, help="only tables with this top-k")
-    parser.add_argument("--hidden", type=int, help="only tables with this hidden size K")
-    parser.add_argument("--intermediate", type=int, help="only tables with this intermediate size N")
-    parser.add_argument("--dtype", help="only tables of this dtype (bf16, fp16, fp32)")
-
-
-def main(args: argparse.Namespace) -> int:
-    dtype = dtype_name(args.dtype) if args.dtype else None
-    if args.gpu is not None and not args.gpu.strip():
-        raise UsageError("--gpu needs a device name or key")
-    target = _resolve_device(args.gpu, strict=False)
-    wanted = {"E": args.E, "N": args.intermediate, "K": args.hidden, "topk": args.topk, "dtype": dtype}
-
-    def matches(found: FoundTable) -> bool:
-        E, N, K, topk, table_dtype = parse_table_file_name(found.file.path.name)
-        actual = {"E": E, "N": N, "K": K, "topk": topk, "dtype": table_dtype}
-        return all(value is None or actual[key] == value for key, value in wanted.items())
-
-    found = [entry for entry in find_tables(args.gpu) if matches(entry)]
-    print(show_text(target, found, _env_flag(ENV_DETERMINISTIC)), end="")
-    return 0
-
-
-def show_text(target: _Device, found: list[FoundTable], deterministic: bool) -> str:
-    if target.compute_capability is not None:
-        capability = f"compute capability {target.compute_capability[0]}.{target.compute_capability[1]}"
-    elif target.key == CPU_KEY:
-        capability = "Triton's interpreter"
-    else:
-        capability = "compute capability unknown: no same-family fallback"
-    lines = [f"tables for {target.name} (key {target.key}, {capability})"]
-    searched = [f"{ENV_CONFIG_DIR}={os.pathsep.join(map(str, config_dirs())) or '(unset)'}", f"packaged={PACKAGED_DIR}"]
-    lines.append("searched: " + ", ".join(searched) + (", then same-family devices" if target.compute_capability else ""))
-    if deterministic:
-        lines.append(f"{ENV_DETERMINISTIC}=1: the fused (atomic) variant is never picked")
-    if not found:
-        lines.append("no tables found: every shape uses the default heuristic")
-        return "\n".join(lines) + "\n"
-
-    rows = [("#", "status", "source", "file")]
-    for number, entry in enumerate(found, 1):
-        status = "used" if entry.used else ("invalid" if entry.table is None else "shadowed")
-        source = entry.file.origin if entry.file.origin != FROM_FAMILY else f"{FROM_FAMILY} ({entry.file.device_key})"
-        rows.append((str(number), status, source, str(entry.file.path)))
-    lines += ["", *_aligned(rows)]
-    for entry in found:
-        if entry.table is None:
-            lines.append(f"   {entry.error}")
-
-    for entry in found:
-        if not entry.used:
-            continue
-        table = entry.table
-        lines += ["", f"{entry.file.path.name}  (Triton {table['versions']['triton']}, {table['device']['name']}, {table['created']})"]
-        rows = [("M", "variant", "chosen by", "GEMM 1", "GEMM 2", "layer_us")]
-        for M, table_entry in table["batch_sizes"].items():
-            selection = pick(table, M, "unfused" if deterministic else None, str(entry.file.path))
-            if selection.batch_size is None:
-                reason = "default heuristic"
-            elif not deterministic:
-                reason = "winner"
-            elif selection.batch_size != M:
-                reason = f"unfused at M={selection.batch_size}"
-            else:
-                reason = "winner" if table_entry["winner"] == "unfused" else "deterministic"
-            timed = table["batch_sizes"].get(selection.batch_size, {}).get(selection.variant, {})
-            layer = f"{timed['layer_us']:.1f}" if timed else "-"
-            rows.append((str(M), selection.variant, reason, compact_config(selection.gemm1), compact_config(selection.gemm2), layer))
-        lines += [f"  {line}" for line in _aligned(rows)]
-    return "\n".join(lines) + "\n"
-
-
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -1,11 +1,17 @@
 """Bad input to the layer: a ValueError/TypeError that names the problem."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from moetune import fused_experts, fused_moe
 from tests.moe_inputs import make_inputs
 
+ROOT = Path(__file__).resolve().parent.parent
 CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
 
 
@@ -57,10 +63,32 @@ def test_bad_input_is_named(inputs, change, error, words):
     assert words in str(info.value)
 
 
-def test_cpu_tensors_need_the_interpreter(inputs, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="CUDA device"):
-        call(inputs)
+# Run without TRITON_INTERPRET on this GPU-less machine: the kernels are compiled ones.
+WITHOUT_INTERPRETER = """
+import os, sys
+import torch
+before = dict(os.environ)
+import moetune
+from moetune import fused_moe
+x, w1, w2 = torch.randn(3, 16), torch.randn(4, 32, 16), torch.randn(4, 16, 16)
+try:
+    fused_moe(x, w1, w2, torch.randn(3, 4), 2)
+except ValueError as error:
+    print(error)
+print("environment unchanged" if dict(os.environ) == before else "environment changed")
+"""
+
+
+def test_without_the_interpreter_cpu_tensors_are_refused_and_import_sets_nothing():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even where one exists
+    done = subprocess.run([sys.executable, "-c", WITHOUT_INTERPRETER], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    error, environment = done.stdout.splitlines()
+    assert error.startswith("tensors are on cpu: ") and "set TRITON_INTERPRET=1" in error
+    assert environment == "environment unchanged"
 
 
 def test_fused_moe_checks_router_logits_and_topk(inputs):

@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetune import cli, loader
+from moetune import loader
 from moetune.configs import default_config
-from moetune.device import DeviceInfo
 from moetune.errors import TableError
 from moetune.loader import ConfigWarning, Selection, clear_cache, get_config, load_table, nearest_batch_size
 from moetune.tables import table_path, write_table
-from tests.test_tables import CPU, H100, H200, MALFORMED, SHAPE, as_json, config, entry, make_table
+from moetune.types import LaunchConfig, Variant
+from tests.test_tables import A100, CPU, H100, H200, MALFORMED, NOT_TABLES, SHAPE, as_json, config, entry, make_table
 
-A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", "NVIDIA_A100-SXM4-80GB", (8, 0), 166912)
 SHAPE_ARGS = (SHAPE["E"], SHAPE["N"], SHAPE["K"], SHAPE["topk"], "bf16")
 
 
@@ -72,7 +71,7 @@ def test_source_precedence(tmp_path, monkeypatch):
     def source():
         clear_cache()
         selection = quiet_get_config(*SHAPE_ARGS, 1, device=H200)
-        return selection.source, selection.gemm1["BLOCK_SIZE_N"]
+        return selection.source, selection.gemm1.block_n
 
     assert source() == (env1_path, 16)
     Path(env1_path).unlink()
@@ -120,7 +119,7 @@ def test_get_config_uses_nearest_key(tmp_path, monkeypatch):
     use_env_dirs(monkeypatch, tmp_path)
     for M, key in ((24, 16), (25, 32), (1, 16), (4096, 32)):
         selection = get_config(*SHAPE_ARGS, M, device=H200)
-        assert (selection.batch_size, selection.gemm1["BLOCK_SIZE_N"]) == (key, key)
+        assert (selection.batch_size, selection.gemm1.block_n) == (key, key)
 
 
 def test_a_new_M_of_a_known_shape_looks_for_no_table_again(tmp_path, monkeypatch):
@@ -169,8 +168,8 @@ def test_default_warns_once_with_the_tune_command(monkeypatch):
         selection = get_config(*SHAPE_ARGS, 64, device=H200)
     command = "moetune run --gpu 'NVIDIA H200' --E 128 --topk 8 --hidden 2048 --intermediate 768 --dtype bf16"
     assert any(command in str(warning.message) for warning in caught)
-    expected = default_config(64, *SHAPE_ARGS[:4])
-    assert selection == Selection(expected, expected, "unfused", "default heuristic", None)
+    expected = LaunchConfig.from_json(default_config(64, *SHAPE_ARGS[:4]))
+    assert selection == Selection(expected, expected, Variant.UNFUSED, "default heuristic", None)
     assert config_warnings(lambda: get_config(*SHAPE_ARGS, 65, device=H200)) == []
 
 
@@ -197,20 +196,35 @@ def test_variant_override_falls_back_to_nearest_key_that_has_it(tmp_path, monkey
     put(tmp_path, both_variants())
     use_env_dirs(monkeypatch, tmp_path)
     selection = get_config(*SHAPE_ARGS, 1, variant="unfused", device=H200)
-    assert (selection.variant, selection.batch_size, selection.gemm1["BLOCK_SIZE_N"]) == ("unfused", 1, 16)
+    assert (selection.variant, selection.batch_size, selection.gemm1.block_n) == ("unfused", 1, 16)
     selection = get_config(*SHAPE_ARGS, 250, variant="unfused", device=H200)
     assert (selection.variant, selection.batch_size) == ("unfused", 64)
     selection = get_config(*SHAPE_ARGS, 64, variant="fused", device=H200)
-    assert (selection.variant, selection.batch_size, selection.gemm1["BLOCK_SIZE_N"]) == ("fused", 1, 32)
+    assert (selection.variant, selection.batch_size, selection.gemm1.block_n) == ("fused", 1, 32)
 
 
-def test_variant_missing_everywhere_uses_default_with_warning(tmp_path, monkeypatch):
+def test_variant_missing_everywhere_uses_the_default_for_that_variant(tmp_path, monkeypatch):
     path = put(tmp_path, make_table(batch_sizes={1: entry(config())}))
     use_env_dirs(monkeypatch, tmp_path)
     with pytest.warns(ConfigWarning, match="has no fused configs") as caught:
         selection = get_config(*SHAPE_ARGS, 8, variant="fused", device=H200)
-    assert selection.source == "default heuristic" and selection.variant == "unfused"
+    assert selection.source == "default heuristic" and selection.variant is Variant.FUSED
+    assert selection.gemm1 == LaunchConfig.from_json(default_config(8, *SHAPE_ARGS[:4]))
     assert any(path in str(warning.message) for warning in caught)
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_asked_variant_without_any_table_gets_the_default_for_it(variant):
+    selection = quiet_get_config(*SHAPE_ARGS, 8, variant=variant.value, device=H200)
+    assert (selection.variant, selection.source) == (variant, "default heuristic")
+
+
+def test_default_fits_the_device_it_is_for(monkeypatch):
+    """The default heuristic's largest tile asks for more shared memory than an A100 has."""
+    on_h200 = quiet_get_config(*SHAPE_ARGS, 4096, device=H200).gemm1
+    on_a100 = quiet_get_config(*SHAPE_ARGS, 4096, device=A100).gemm1
+    assert on_h200.fit_problem(2, A100.shared_memory_bytes) is not None
+    assert on_a100.fit_problem(2, A100.shared_memory_bytes) is None
 
 
 @pytest.mark.parametrize("bad", ["atomic", "Fused", "", 1])
@@ -261,26 +275,32 @@ def test_same_triton_minor_does_not_warn(tmp_path, monkeypatch):
 
 # --- bad tables --------------------------------------------------------------------------
 
-def _bad_table_texts() -> dict[str, str]:
+def _bad_tables() -> dict[str, object]:
+    """name -> the text of a bad table, or what makes something else stand at its path."""
     full = json.dumps(as_json(make_table()), indent=2)
-    texts = {"bad JSON": "{'schema_version': 1}", "truncated": full[: len(full) * 2 // 3], "empty": ""}
+    bad = {"bad JSON": "{'schema_version': 1}", "truncated": full[: len(full) * 2 // 3], "empty": ""}
     for name in ("unknown schema version", "no device", "no shape.K", "no batch sizes key", "no winner", "no gemm1",
                  "config missing key", "block not power of two", "block zero", "block as float", "winner absent",
-                 "time as text"):
+                 "time as text", "unknown config key", "block of 2^40", "1000 stages", "shared memory"):
         mutate, _ = MALFORMED[name]
         table = as_json(make_table())
         mutate(table)
-        texts[name] = json.dumps(table)
-    return texts
+        bad[name] = json.dumps(table)
+    for name in ("nested too deep", "a folder", "a dangling link", "not UTF-8"):
+        bad[name] = NOT_TABLES[name][0]
+    return bad
 
 
-BAD_TABLES = _bad_table_texts()
+BAD_TABLES = _bad_tables()
 
 
-def put_bad(root, text) -> str:
+def put_bad(root, bad) -> str:
     path = table_path(root, H200.key, *SHAPE_ARGS)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    if isinstance(bad, str):
+        path.write_text(bad)
+    else:
+        bad(path)
     return str(path)
 
 
@@ -292,8 +312,9 @@ def test_bad_table_raises_in_strict_mode(name, tmp_path, monkeypatch):
     with pytest.raises(TableError) as raised:
         get_config(*SHAPE_ARGS, 1, device=H200, strict=True)
     assert bad_path in str(raised.value)
-    if name in MALFORMED:
-        assert MALFORMED[name][1] in str(raised.value)
+    expected = MALFORMED.get(name) or NOT_TABLES.get(name)
+    if expected is not None:
+        assert expected[1] in str(raised.value)
 
 
 @pytest.mark.parametrize("name", list(BAD_TABLES))
@@ -359,64 +380,4 @@ def test_cached_call_returns_the_same_object(tmp_path, monkeypatch):
     monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(other))
     assert get_config(*SHAPE_ARGS, 5, device=H200) is first
     clear_cache()
-    assert get_config(*SHAPE_ARGS, 5, device=H200).gemm1["BLOCK_SIZE_N"] == 256
-
-
-# --- moetune show ------------------------------------------------------------------------
-
-def run_cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
-    mine = {name: cli.COMMANDS[name] for name in ("show", "export", "import")}
-    monkeypatch.setattr(cli, "COMMANDS", mine)  # the other commands' modules are not needed here
-    status = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def test_show_lists_tables_in_lookup_order(tmp_path, monkeypatch, capsys):
-    env_path = put(tmp_path / "env", both_variants())
-    packaged_path = put(loader.PACKAGED_DIR, make_table())
-    family_path = put(loader.PACKAGED_DIR, make_table(H100, E=64))
-    put_bad(tmp_path / "bad", "")
-    use_env_dirs(monkeypatch, tmp_path / "env", tmp_path / "bad")
-    monkeypatch.setattr(loader, "local_device", lambda: H200)
-
-    status, out, err = run_cli(monkeypatch, capsys, "show")
-    assert status == 0, err
-    assert "tables for NVIDIA H200 (key NVIDIA_H200, compute capability 9.0)" in out
-    lines = out.splitlines()
-    row = {path: next(line for line in lines if line.endswith(path)) for path in (env_path, packaged_path, family_path)}
-    assert "used" in row[env_path] and "MOETUNE_CONFIG_DIR" in row[env_path]
-    assert "shadowed" in row[packaged_path] and "packaged" in row[packaged_path]
-    assert "used" in row[family_path] and "same family (NVIDIA_H100_80GB_HBM3)" in row[family_path]
-    assert any("invalid" in line for line in lines) and "empty file" in out
-    assert lines.index(row[env_path]) < lines.index(row[packaged_path])
-    # Per batch size: the variant picked and both configs, compact.
-    assert any(line.split()[:3] == ["1", "fused", "winner"] and "M16 N32 K128 G1 w4 s3" in line for line in lines)
-    assert any(line.split()[:3] == ["256", "fused", "winner"] for line in lines)
-
-
-def test_show_filters_and_device_option(tmp_path, monkeypatch, capsys):
-    put(tmp_path, make_table())
-    put(tmp_path, make_table(E=64, topk=4))
-    use_env_dirs(monkeypatch, tmp_path)
-    status, out, _ = run_cli(monkeypatch, capsys, "show", "--gpu", "NVIDIA_H200", "--E", "64")
-    assert status == 0
-    assert "E=64,N=768,K=2048,topk=4,dtype=bf16.json" in out and "E=128" not in out
-    status, out, _ = run_cli(monkeypatch, capsys, "show", "--gpu", "NVIDIA H200", "--dtype", "fp16")
-    assert "no tables found" in out
-
-
-def test_show_deterministic_explains_the_choice(tmp_path, monkeypatch, capsys):
-    put(tmp_path, both_variants())
-    use_env_dirs(monkeypatch, tmp_path)
-    monkeypatch.setenv(loader.ENV_DETERMINISTIC, "1")
-    status, out, _ = run_cli(monkeypatch, capsys, "show", "--gpu", "NVIDIA H200")
-    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.startswith("  ") and line.split()[0].isdigit()}
-    assert rows["1"] == ["unfused", "deterministic"]
-    assert rows["64"] == ["unfused", "winner"]
-    assert rows["256"] == ["unfused", "unfused"]  # "unfused at M=64"
-
-
-def test_show_bad_dtype_is_a_usage_error(monkeypatch, capsys):
-    status, _, err = run_cli(monkeypatch, capsys, "show", "--dtype", "int4")
-    assert status == 2 and err.startswith("moetune: error: unsupported dtype") and err.count("\n") == 1
+    assert get_config(*SHAPE_ARGS, 5, device=H200).gemm1.block_n == 256

@@ -1,10 +1,14 @@
-"""The table schema: names, validation, reading, atomic writing, merging."""
+"""The table record: names, validation, reading within limits, atomic writing, merging."""
 
 from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
+import resource
+import signal
+import stat
 from datetime import datetime
 
 import pytest
@@ -14,26 +18,33 @@ from hypothesis import strategies as st
 
 from moetune.device import DeviceInfo
 from moetune.errors import TableError
+from moetune.files import MAX_JSON_BYTES, MAX_JSON_NESTING
 from moetune.tables import (
     SCHEMA_VERSION,
+    BatchRecord,
+    Table,
     dtype_name,
     merge_tables,
     new_table,
     parse_table_file_name,
+    read_record,
     read_table,
+    record_batch,
     table_file_name,
     table_path,
     validate_table,
     write_table,
 )
+from moetune.types import LaunchConfig, Variant
 
 H200 = DeviceInfo("NVIDIA H200", "NVIDIA_H200", (9, 0), 232448)
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3", (9, 0), 232448)
 CPU = DeviceInfo("cpu", "cpu", None, 232448)
+A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", "NVIDIA_A100-SXM4-80GB", (8, 0), 166912)
 SHAPE = dict(E=128, N=768, K=2048, topk=8)
 
 
-def config(m=16, n=64, k=128, group=1, warps=4, stages=3) -> dict:
+def config(m=16, n=64, k=64, group=1, warps=4, stages=3) -> dict:
     return {"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
             "num_warps": warps, "num_stages": stages}
 
@@ -199,6 +210,25 @@ MALFORMED = {
     "block as bool": (_set(True, "batch_sizes", "1", "fused", "gemm1", "GROUP_SIZE_M"),
                       'batch_sizes["1"].fused.gemm1.GROUP_SIZE_M: must be an int'),
     "config as list": (_set([16, 64], "batch_sizes", "1", "fused", "gemm1"), 'batch_sizes["1"].fused.gemm1: must be a dict'),
+    "unknown config key": (_set(4, "batch_sizes", "1", "fused", "gemm1", "SPLIT_K"),
+                           'batch_sizes["1"].fused.gemm1.SPLIT_K: unknown launch config key (value 4)'),
+    "block of 2^40": (_set(2**40, "batch_sizes", "1", "fused", "gemm2", "BLOCK_SIZE_N"),
+                      'batch_sizes["1"].fused.gemm2.BLOCK_SIZE_N: must be at most 512, got 1099511627776'),
+    "block of 1024": (_set(1024, "batch_sizes", "1", "fused", "gemm2", "BLOCK_SIZE_K"),
+                      'batch_sizes["1"].fused.gemm2.BLOCK_SIZE_K: must be at most 512'),
+    "1024 warps": (_set(1024, "batch_sizes", "1", "fused", "gemm2", "num_warps"),
+                   'batch_sizes["1"].fused.gemm2.num_warps: must be a power of two <= 32, got 1024'),
+    "1000 stages": (_set(1000, "batch_sizes", "1", "unfused", "gemm1", "num_stages"),
+                    'batch_sizes["1"].unfused.gemm1.num_stages: must be at most 16, got 1000'),
+    "group of 100000": (_set(100000, "batch_sizes", "64", "unfused", "gemm2", "GROUP_SIZE_M"),
+                        'batch_sizes["64"].unfused.gemm2.GROUP_SIZE_M: must be at most 1024, got 100000'),
+    "shared memory": (_set(config(m=256, n=256, k=256, stages=4), "batch_sizes", "64", "unfused", "gemm1"),
+                      'batch_sizes["64"].unfused.gemm1: does not fit NVIDIA H200: shared memory 1048576 B > limit 232448 B'),
+    "registers": (_set(config(m=256, n=256, k=16, stages=2), "batch_sizes", "64", "unfused", "gemm2"),
+                  'batch_sizes["64"].unfused.gemm2: does not fit NVIDIA H200: 256x256 tile on 4 warps needs 512 '
+                  'accumulator registers per thread'),
+    "huge batch size": (lambda t: t["batch_sizes"].update({"9" * 30: t["batch_sizes"]["1"]}),
+                        'batch_sizes["999999999999999999999999999999"]: batch size must be between 1 and'),
 }
 
 
@@ -217,6 +247,24 @@ def test_malformed_table_raises_naming_file_and_key(name):
 def test_non_object_table(value):
     with pytest.raises(TableError, match="must be a JSON object"):
         validate_table(value, "t.json")
+
+
+# 128x256x64 in 4 stages: 196608 B of bf16 tiles, within an H200's 232448 B but not an A100's 166912 B.
+BIG_TILE = config(m=128, n=256, k=64, group=8, warps=8, stages=4)
+
+
+def test_configs_must_fit_the_device_the_table_is_for():
+    at_64 = {64: entry(BIG_TILE)}
+    validate_table(as_json(make_table(batch_sizes=at_64)), "h200.json")
+    with pytest.raises(TableError, match=r'a100.json: batch_sizes\["64"\].unfused.gemm1: does not fit NVIDIA A100.*'
+                                         r'shared memory 196608 B > limit 166912 B'):
+        validate_table(as_json(make_table(A100, batch_sizes=at_64)), "a100.json")
+    unknown = as_json(make_table(batch_sizes=at_64))
+    unknown["device"]["compute_capability"] = [11, 0]  # an unknown device: Hopper's limit
+    validate_table(unknown, "new.json")
+    # fp32 operands take 4 bytes: the same tile needs twice the memory.
+    with pytest.raises(TableError, match="shared memory 393216 B > limit 232448 B"):
+        validate_table(as_json(make_table(dtype="fp32", batch_sizes=at_64)), "fp32.json")
 
 
 def test_cpu_tables_have_no_compute_capability():
@@ -249,7 +297,7 @@ def _locations(value, path=()):
             yield from _locations(child, (*path, index))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_mutation, min_size=1, max_size=4))
 def test_random_mutations_accept_or_raise_table_error(mutations):
     table = as_json(make_table())
@@ -331,19 +379,76 @@ def test_failed_validation_writes_nothing(tmp_path):
     assert os.listdir(path.parent) == ["t.json"]
 
 
-def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+def test_write_that_fails_half_way_leaves_the_old_table_and_no_temp(tmp_path):
+    """A file-size limit makes the write fail after its first bytes, as a full disk would."""
     path = tmp_path / "t.json"
     write_table(path, make_table())
     before = path.read_bytes()
-
-    def crash(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        write_table(path, make_table(batch_sizes={8: entry(config())}))
+    bigger = make_table(batch_sizes={M: entry(config()) for M in range(1, 40)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        with pytest.raises(OSError) as raised:
+            write_table(path, bigger)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert "File too large" in str(raised.value)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["t.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_tables_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    path = tmp_path / "t.json"
+    old = os.umask(umask)
+    try:
+        write_table(path, make_table())
+        created = stat.S_IMODE(path.stat().st_mode)
+        write_table(path, make_table(batch_sizes={8: entry(config())}))  # replacing a file
+        replaced = stat.S_IMODE(path.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert created == replaced == mode
+
+
+# --- reading within limits: whatever stands at a table's path is a TableError -------------
+
+def _deep(path):
+    path.write_text('{"schema_version": 1, "search": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def _too_large(path):
+    with open(path, "wb") as file:  # sparse: nothing is written but the size
+        file.truncate(MAX_JSON_BYTES + 1)
+
+
+def _fifo(path):
+    os.mkfifo(path)  # opening it would block the reader
+
+
+NOT_TABLES = {
+    "nested too deep": (_deep, f"nested deeper than {MAX_JSON_NESTING} levels"),
+    "too large": (_too_large, f"{MAX_JSON_BYTES + 1} bytes, more than the {MAX_JSON_BYTES}"),
+    "a folder": (lambda path: path.mkdir(), "a folder stands where a table file should be"),
+    "a FIFO": (_fifo, "not a regular file"),
+    "a dangling link": (lambda path: path.symlink_to(path.parent / "absent"), "cannot read table"),
+    "a link loop": (lambda path: path.symlink_to(path), "cannot read table"),
+    "not UTF-8": (lambda path: path.write_bytes(b'{"a": "\xff"}'), "not UTF-8 text (byte 7)"),
+    "an integer of 5000 digits": (lambda path: path.write_text("[" + "7" * 5000 + "]"), "not valid JSON: Exceeds"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_TABLES))
+def test_what_is_not_a_table_is_a_table_error_naming_the_file(name, tmp_path):
+    make, expected = NOT_TABLES[name]
+    path = tmp_path / "E=128,N=768,K=2048,topk=8,dtype=bf16.json"
+    make(path)
+    with pytest.raises(TableError) as raised:
+        read_table(path)
+    assert str(path) in str(raised.value) and expected in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 # --- merging ----------------------------------------------------------------------------
@@ -365,3 +470,55 @@ def test_merge_refuses_other_shape_or_device():
         merge_tables(make_table(), make_table(E=64))
     with pytest.raises(TableError, match="two devices"):
         merge_tables(make_table(), make_table(H100))
+
+
+# --- the typed record ---------------------------------------------------------------------
+
+def test_record_round_trip():
+    table = Table.from_json(as_json(make_table()), "t.json")
+    assert table.batch_sizes[1].winner is Variant.FUSED
+    assert table.batch_sizes[1].variants[Variant.FUSED].gemm1 == LaunchConfig.from_json(config(n=128))
+    assert table.shape.key() == (128, 768, 2048, 8, "bf16") and table.device.compute_capability == (9, 0)
+    assert table.to_json() == validate_table(as_json(make_table()), "t.json")
+    assert Table.from_json(json.loads(json.dumps(table.to_json())), "again.json") == table
+
+
+def test_batch_record_needs_its_winner():
+    record = BatchRecord.from_json(entry(config(), config(n=128), "fused"))
+    assert set(record.variants) == {Variant.UNFUSED, Variant.FUSED}
+    with pytest.raises(ValueError, match="winner 'fused' is not among the variants"):
+        BatchRecord({Variant.UNFUSED: record.variants[Variant.UNFUSED]}, Variant.FUSED)
+    with pytest.raises(TableError, match="bad batch record .*winner: must name a variant present here"):
+        BatchRecord.from_json(entry(config(), winner="fused"))
+
+
+def _record(M: int, block_n: int = 64) -> BatchRecord:
+    return BatchRecord.from_json(entry(config(n=block_n)), f"M={M}")
+
+
+def test_record_batch_creates_then_merges(tmp_path):
+    path = table_path(tmp_path, H200.key, dtype="bf16", **SHAPE)
+    record_batch(path, H200, *SHAPE.values(), "bf16", 8, _record(8), {"trials": 1})
+    written = record_batch(path, H200, *SHAPE.values(), torch.bfloat16, 1, _record(1, 128), {"trials": 2})
+    assert read_record(path) == Table.from_json(written.to_json(), str(path))
+    assert sorted(written.batch_sizes) == [1, 8] and written.search == {"trials": 2}
+    replaced = record_batch(path, H200, *SHAPE.values(), "bf16", 8, _record(8, 32), {"trials": 3})
+    assert replaced.batch_sizes[8].variants[Variant.UNFUSED].gemm1.block_n == 32
+    assert os.listdir(path.parent) == [path.name]
+
+
+def _record_batch_sizes(path, sizes):
+    for M in sizes:
+        record_batch(path, H200, *SHAPE.values(), "bf16", M, _record(M), {})
+
+
+def test_two_processes_recording_into_one_table_lose_no_batch_size(tmp_path):
+    path = table_path(tmp_path, H200.key, dtype="bf16", **SHAPE)
+    fork = multiprocessing.get_context("fork")
+    writers = [fork.Process(target=_record_batch_sizes, args=(path, range(first, 41, 2))) for first in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert sorted(read_record(path).batch_sizes) == list(range(1, 41))
