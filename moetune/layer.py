@@ -14,6 +14,7 @@ import torch
 
 from .device import INTERPRET_ENV, interpreter_enabled
 from .kernels import align_tokens, grouped_gemm, select_experts, silu_and_mul, topk_sum
+from .kernels.routing import check_routing
 from .loader import get_config, warn_once
 from .tables import TORCH_DTYPES
 from .types import LaunchConfig, Variant, unknown_keys
@@ -29,7 +30,7 @@ def _check_tensor(name: str, tensor: Any, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
 
 
-def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out) -> None:
+def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_experts: int) -> None:
     _check_tensor("hidden_states", hidden_states, 2)
     _check_tensor("w1", w1, 3)
     _check_tensor("w2", w2, 3)
@@ -57,8 +58,8 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out) -> None:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} must have M = {m} rows like hidden_states")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must have the shape of topk_ids {tuple(topk_ids.shape)}")
-    if not 1 <= topk <= e:
-        raise ValueError(f"top-k = {topk} must be between 1 and the number of experts E = {e}")
+    if not 1 <= topk <= global_experts:
+        raise ValueError(f"top-k = {topk} must be between 1 and the number of experts E = {global_experts}")
     if out is not None:
         _check_tensor("out", out, 2)
         if tuple(out.shape) != (m, k) or out.dtype != hidden_states.dtype:
@@ -73,6 +74,47 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out) -> None:
     if device.type != "cuda" and not interpreter_enabled():
         raise ValueError(f"tensors are on {device}: the kernels need a CUDA device, or Triton's interpreter on the "
                          f"CPU (set {INTERPRET_ENV}=1 before moetune's kernels are first imported)")
+
+
+def check_expert_map(expert_map: torch.Tensor | None, global_num_experts: int | None, w1: torch.Tensor) -> int:
+    """The global expert count, after checking the expert map names local experts only.
+
+    The values are read (one sync) only outside CUDA-graph capture, where a read would
+    break the capture; the layer itself never needs them on the host.
+    """
+    local = w1.shape[0] if isinstance(w1, torch.Tensor) and w1.dim() == 3 else 0
+    if global_num_experts is not None and (isinstance(global_num_experts, bool)
+                                           or not isinstance(global_num_experts, int) or global_num_experts < 1):
+        raise ValueError(f"global_num_experts must be a positive int, got {global_num_experts!r}")
+    if expert_map is None:
+        if global_num_experts not in (None, -1, local):
+            raise ValueError(f"global_num_experts = {global_num_experts} differs from the {local} experts of w1: "
+                             "pass the expert_map that says which of them are local")
+        return local
+    if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.dtype not in (torch.int32,
+                                                                                                        torch.int64):
+        raise ValueError(f"expert_map must be a 1-D int32/int64 tensor [global_num_experts], got "
+                         f"{getattr(expert_map, 'dtype', type(expert_map).__name__)} {tuple(getattr(expert_map, 'shape', ()))}")
+    global_experts = expert_map.numel() if global_num_experts is None else global_num_experts
+    if expert_map.numel() != global_experts:
+        raise ValueError(f"expert_map has {expert_map.numel()} entries but global_num_experts = {global_experts}")
+    if global_experts < local:
+        raise ValueError(f"global_num_experts = {global_experts} is less than the {local} local experts of w1")
+    capturing = expert_map.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and expert_map.numel():
+        low, high = int(expert_map.min()), int(expert_map.max())
+        if low < -1 or high >= local:
+            raise ValueError(f"expert_map values must be -1 (another rank) or local ids in [0, {local}), "
+                             f"got values in [{low}, {high}]")
+    return global_experts
+
+
+def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """Global expert ids -> local ids, -1 for experts on other ranks (and for ids past the map)."""
+    ids = topk_ids.long()
+    inside = (ids >= 0) & (ids < expert_map.numel())
+    local = expert_map.to(ids.device)[ids.clamp(0, max(expert_map.numel() - 1, 0))]
+    return torch.where(inside, local, torch.full_like(local, -1)).to(torch.int32)
 
 
 def _given_config(config: LaunchConfig | Mapping, what: str) -> LaunchConfig:
@@ -114,6 +156,10 @@ def fused_experts(
     out: torch.Tensor | None = None,
     accumulation: str | None = None,
     deterministic: bool | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int | None = None,
+    apply_router_weight_on_input: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The MoE layer given the routing: hidden_states [M, K], w1 [E, 2N, K], w2 [E, K, N].
 
@@ -127,6 +173,13 @@ def fused_experts(
     accumulation: "fp32" makes the fused variant add into an fp32 buffer and cast once,
         which matches the unfused result; None adds in the output dtype.
     deterministic: never pick the atomic (fused) path when choosing from the tables.
+    expert_map / global_num_experts: expert parallelism as vLLM names it. topk_ids then hold
+        global expert ids in [0, global_num_experts); expert_map [global_num_experts] maps
+        each to its local index in w1/w2, or to -1 for an expert on another rank: such slots
+        cost no GEMM work and add nothing. Tables are looked up for the local shape.
+    apply_router_weight_on_input: multiply each token's input by its router weight before
+        GEMM 1 instead of GEMM 2's output by it (top-k must be 1).
+    inplace: write the result into hidden_states (and return it).
     Returns out [M, K] in the input dtype.
     """
     if variant is not None:
@@ -135,7 +188,20 @@ def fused_experts(
         raise ValueError(f"accumulation must be None or 'fp32', got {accumulation!r}")
     if routed_scaling_factor is not None and not isinstance(routed_scaling_factor, (int, float)):
         raise TypeError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
-    _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out)
+    if inplace:
+        if out is not None:
+            raise ValueError("inplace=True writes into hidden_states: do not pass out as well")
+        out = hidden_states
+    global_experts = check_expert_map(expert_map, global_num_experts, w1)
+    _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_experts)
+    if apply_router_weight_on_input:
+        if topk_ids.shape[1] != 1:
+            raise ValueError(f"apply_router_weight_on_input needs top-k = 1, got top-k = {topk_ids.shape[1]}")
+        # The weight scales the token's input; GEMM 2 then multiplies by one.
+        hidden_states = (hidden_states * topk_weights.to(hidden_states.dtype)).to(hidden_states.dtype)
+        topk_weights = torch.ones_like(topk_weights)
+    if expert_map is not None:
+        topk_ids = local_expert_ids(topk_ids, expert_map)
     m, k = hidden_states.shape
     num_experts = w1.shape[0]
     topk = topk_ids.shape[1]
@@ -213,19 +279,38 @@ def fused_moe(
     topk: int,
     *,
     renormalize: bool = True,
+    scoring_func: str = "softmax",
+    e_score_correction_bias: torch.Tensor | None = None,
+    use_grouped_topk: bool = False,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Routing (softmax, top-k, optional renormalisation) then fused_experts(**kwargs)."""
+    """Routing, then fused_experts(**kwargs).
+
+    Routing as vLLM and SGLang name it: scores by `scoring_func` ("softmax" or "sigmoid"),
+    `e_score_correction_bias` added to choose by, and with `use_grouped_topk` each token
+    limited to its best `topk_group` of `num_expert_group` expert groups (DeepSeek-V3);
+    weights renormalized over the top-k when `renormalize`. Under expert parallelism
+    (`expert_map` in kwargs) router_logits cover all global experts.
+    """
     _check_tensor("router_logits", router_logits, 2)
     _check_tensor("w1", w1, 3)
     _check_tensor("hidden_states", hidden_states, 2)
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk must be an int, got {topk!r}")
-    num_experts = w1.shape[0]
+    num_experts = check_expert_map(kwargs.get("expert_map"), kwargs.get("global_num_experts"), w1)
     if tuple(router_logits.shape) != (hidden_states.shape[0], num_experts):
         raise ValueError(f"router_logits {tuple(router_logits.shape)} must be [M, E] = "
                          f"{(hidden_states.shape[0], num_experts)}")
     if not 1 <= topk <= num_experts:
         raise ValueError(f"top-k = {topk} must be between 1 and the number of experts E = {num_experts}")
-    topk_weights, topk_ids = select_experts(router_logits, topk, renormalize)
+    if not use_grouped_topk and (num_expert_group is not None or topk_group is not None):
+        raise ValueError("num_expert_group and topk_group need use_grouped_topk=True")
+    if use_grouped_topk and (num_expert_group is None or topk_group is None):
+        raise ValueError("use_grouped_topk=True needs num_expert_group and topk_group")
+    routing = dict(scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias,
+                   num_expert_group=num_expert_group, topk_group=topk_group)
+    check_routing(num_experts, topk, **routing)
+    topk_weights, topk_ids = select_experts(router_logits, topk, renormalize, **routing)
     return fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, **kwargs)
