@@ -22,6 +22,7 @@ _PUBLIC = {
     "LaunchConfig": "types",
     "Role": "types",
     "Variant": "types",
+    "Switches": "types",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -8,16 +8,17 @@ GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two varian
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Mapping
 
 import torch
 
 from .device import INTERPRET_ENV, interpreter_enabled
-from .kernels import align_tokens, grouped_gemm, select_experts, silu_and_mul, topk_sum
+from .kernels import KernelSwitches, align_tokens, run_experts, select_experts
 from .kernels.routing import check_routing
 from .loader import get_config, warn_once
 from .tables import TORCH_DTYPES
-from .types import LaunchConfig, Variant, unknown_keys
+from .types import OFF, LaunchConfig, Switches, SwitchError, Variant, unknown_keys
 
 DTYPES = tuple(TORCH_DTYPES.values())
 ACCUMULATIONS = (None, "fp32")
@@ -134,12 +135,21 @@ def _select_configs(hidden_states, w1, topk, variant, config, down_config, deter
         e, two_n, _ = w1.shape
         selection = get_config(e, two_n // 2, k, topk, hidden_states.dtype, m,
                                variant=variant, deterministic=deterministic)
-        return selection.gemm1, selection.gemm2, selection.variant
+        return selection.gemm1, selection.gemm2, selection.variant, selection.switches
     if config is None:
         raise ValueError("down_config was given without config; pass both or neither")
     gemm1 = _given_config(config, "config")
     gemm2 = _given_config(down_config, "down_config") if down_config is not None else gemm1
-    return gemm1, gemm2, variant or Variant.UNFUSED
+    return gemm1, gemm2, variant or Variant.UNFUSED, OFF
+
+
+def _given_switches(switches: Switches | Mapping, gemm1: LaunchConfig, gemm2: LaunchConfig) -> Switches:
+    if not isinstance(switches, Switches):
+        switches = Switches.from_json(switches)
+    problem = switches.config_problem(gemm1, gemm2)
+    if problem is not None:
+        raise SwitchError(problem)
+    return switches
 
 
 def fused_experts(
@@ -160,6 +170,7 @@ def fused_experts(
     global_num_experts: int | None = None,
     apply_router_weight_on_input: bool = False,
     inplace: bool = False,
+    switches: Switches | Mapping | None = None,
 ) -> torch.Tensor:
     """The MoE layer given the routing: hidden_states [M, K], w1 [E, 2N, K], w2 [E, K, N].
 
@@ -180,6 +191,8 @@ def fused_experts(
     apply_router_weight_on_input: multiply each token's input by its router weight before
         GEMM 1 instead of GEMM 2's output by it (top-k must be 1).
     inplace: write the result into hidden_states (and return it).
+    switches: kernel switches (moetune.Switches or its JSON form) for the given configs;
+        None takes the table's with its configs, all off with given configs.
     Returns out [M, K] in the input dtype.
     """
     if variant is not None:
@@ -209,14 +222,16 @@ def fused_experts(
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     if m == 0:
         return out
-    gemm1, gemm2, variant = _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic)
+    gemm1, gemm2, variant, chosen = _select_configs(hidden_states, w1, topk, variant, config, down_config,
+                                                    deterministic)
+    switches = chosen if switches is None else _given_switches(switches, gemm1, gemm2)
 
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     aligned1, aligned2 = align_for(topk_ids, num_experts, gemm1, gemm2)
     return run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
                        variant=variant, routed_scaling_factor=routed_scaling_factor, out=out,
-                       accumulation=accumulation)
+                       accumulation=accumulation, switches=switches)
 
 
 def _kernel_config(config: LaunchConfig | Mapping) -> Mapping[str, int]:
@@ -234,7 +249,8 @@ def align_for(topk_ids: torch.Tensor, num_experts: int, gemm1: LaunchConfig | Ma
 
 
 def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, *,
-                variant, routed_scaling_factor=None, out=None, accumulation=None, atomic_sem="relaxed"):
+                variant, routed_scaling_factor=None, out=None, accumulation=None, atomic_sem="relaxed",
+                switches: Switches = OFF):
     """The layer after alignment, on validated input.
 
     `moetune compare` times this alone, routing and alignment outside, so that its timings
@@ -242,30 +258,20 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     with it, since a pair whose GEMMs differ in BLOCK_SIZE_M pays for two alignments.
     """
     m, k = hidden_states.shape
-    num_experts, two_n, _ = w1.shape
-    topk = topk_ids.shape[1]
     gemm1, gemm2 = _kernel_config(gemm1), _kernel_config(gemm2)
     if out is None:
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
-
-    gate_up = torch.empty(m * topk, two_n, dtype=hidden_states.dtype, device=hidden_states.device)
-    grouped_gemm(hidden_states, w1, gate_up, aligned1, gemm1, topk=topk, a_rows_per_slot=topk)
-    activation = silu_and_mul(gate_up)
-
+    kernel_switches = KernelSwitches(**asdict(switches))
     if Variant(variant) is Variant.UNFUSED:
-        down = torch.empty(m, topk, k, dtype=hidden_states.dtype, device=hidden_states.device)
-        grouped_gemm(activation, w2, down.view(m * topk, k), aligned2, gemm2, topk=topk, a_rows_per_slot=1,
-                     topk_weights=topk_weights, weight_scale=scale)
-        return topk_sum(down, topk_ids, num_experts, out)
-
-    # Fused: every (token, k) slot adds into out[token]; tokens whose experts all live on
-    # other ranks keep the zero.
+        return run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
+                           kernel_switches, atomic_add=False, out=out, weight_scale=scale)
+    # Fused: every (token, k) slot adds into the zeroed target; tokens whose experts all
+    # live on other ranks keep the zero.
     target = out if accumulation is None or out.dtype == torch.float32 else \
         torch.empty(m, k, dtype=torch.float32, device=out.device)
-    target.zero_()
-    grouped_gemm(activation, w2, target, aligned2, gemm2, topk=topk, a_rows_per_slot=1,
-                 topk_weights=topk_weights, weight_scale=scale, atomic_add=True, atomic_sem=atomic_sem)
+    run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, kernel_switches,
+                atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem)
     if target is not out:
         out.copy_(target)
     return out

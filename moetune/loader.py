@@ -33,7 +33,7 @@ from .configs import compact_config, default_config  # noqa: F401 - compact_conf
 from .device import DeviceInfo, device_key, local_device, shared_memory_for_capability
 from .errors import TableError
 from .tables import Table, dtype_name, parse_table_file_name, read_record, table_file_name
-from .types import LaunchConfig, Variant
+from .types import OFF, LaunchConfig, Switches, Variant
 
 ENV_CONFIG_DIR = "MOETUNE_CONFIG_DIR"
 ENV_STRICT = "MOETUNE_STRICT"
@@ -71,6 +71,7 @@ class Selection:
     variant: Variant
     source: str  # the table's path, or "default heuristic"
     batch_size: int | None  # the table key used; None for the default heuristic
+    switches: Switches = OFF  # the kernel switches the table's variant was tuned with
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,7 @@ def pick(table: Table | Mapping, M: int, variant: str | Variant | None, source: 
                                      shared_memory_bytes=table.device.shared_memory_bytes)
         batch_size = nearest_batch_size(having, M)
     chosen = entries[batch_size].variants[variant]
-    return Selection(chosen.gemm1, chosen.gemm2, variant, source, batch_size)
+    return Selection(chosen.gemm1, chosen.gemm2, variant, source, batch_size, chosen.switches)
 
 
 def default_selection(E: int, N: int, K: int, topk: int, M: int, variant: str | Variant = Variant.UNFUSED, *,

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 from .device import CPU_KEY, device_key
 from .errors import TableError
-from .tables import (DTYPES, MAX_BATCH_SIZE, SCHEMA_VERSION, SHAPE_INT_KEYS, TIME_KEYS, VARIANTS, BatchRecord, Table,
+from .tables import (DTYPES, MAX_BATCH_SIZE, READABLE_SCHEMA_VERSIONS, SHAPE_INT_KEYS, TIME_KEYS, VARIANTS, BatchRecord, Table,
                      TableDevice, TableShape, VariantRecord)
-from .types import CONFIG_KEYS, KNOWN_FOREIGN_KEYS, LaunchConfig, Variant, value_problem
+from .types import CONFIG_KEYS, KNOWN_FOREIGN_KEYS, OFF, LaunchConfig, Switches, SwitchError, Variant, value_problem
 
 _short_repr = reprlib.Repr()
 _short_repr.maxstring = _short_repr.maxother = 40
@@ -76,7 +76,7 @@ class _Checker:
             raise self.fail(path, f"must be a positive finite time in microseconds, got {_short(value)}")
         return float(value)
 
-    def config(self, value: Any, path: str, unknown: str = "reject") -> LaunchConfig:
+    def config(self, value: Any, path: str, unknown: str = "reject", weight_tiles: int = 1) -> LaunchConfig:
         """A launch config; in a table it must also fit the table's device."""
         if not isinstance(value, Mapping):
             raise self.fail(path, f"must be a dict with keys {', '.join(CONFIG_KEYS)}, got {_json_type(value)}")
@@ -93,7 +93,7 @@ class _Checker:
                                                                 f"{_short(value[foreign[0]])}); the kernel takes {', '.join(CONFIG_KEYS)}")
         config = LaunchConfig.from_json(value, unknown="ignore")
         if self.device is not None:
-            problem = config.fit_problem(self.dtype_bytes, self.device.shared_memory_bytes)
+            problem = config.fit_problem(self.dtype_bytes, self.device.shared_memory_bytes, weight_tiles)
             if problem is not None:
                 raise self.fail(path, f"does not fit {self.device.name}: {problem}")
         return config
@@ -182,11 +182,27 @@ def _check_shape(check: _Checker, shape: Any) -> TableShape:
     return TableShape(**sizes, dtype=dtype, extra=_extra(shape, (*SHAPE_INT_KEYS, "dtype")))
 
 
+def _check_switches(check: _Checker, variant: Mapping, path: str) -> Switches:
+    """A variant's kernel switches; absent (schema version 1) is the plain path."""
+    if "switches" not in variant:
+        return OFF
+    try:
+        return Switches.from_json(variant["switches"], "")
+    except SwitchError as error:
+        raise check.fail(_join(path, "switches"), str(error).removeprefix(": ")) from None
+
+
 def _check_variant(check: _Checker, variant: Any, path: str) -> VariantRecord:
     variant = check.mapping(variant, path)
-    configs = {gemm: check.config(check.field(variant, gemm, path), f"{path}.{gemm}") for gemm in ("gemm1", "gemm2")}
+    switches = _check_switches(check, variant, path)
+    gemm1 = check.config(check.field(variant, "gemm1", path), f"{path}.gemm1", weight_tiles=switches.weight_tiles)
+    gemm2 = check.config(check.field(variant, "gemm2", path), f"{path}.gemm2")
+    problem = switches.config_problem(gemm1, gemm2)
+    if problem is not None:
+        raise check.fail(_join(path, "switches"), problem)
     times = {key: check.time_us(check.field(variant, key, path), f"{path}.{key}") for key in TIME_KEYS}
-    return VariantRecord(**configs, **times, extra=_extra(variant, ("gemm1", "gemm2", *TIME_KEYS)))
+    return VariantRecord(gemm1, gemm2, **times, switches=switches,
+                         extra=_extra(variant, ("gemm1", "gemm2", "switches", *TIME_KEYS)))
 
 
 def _check_batch(check: _Checker, entry: Any, path: str) -> BatchRecord:
@@ -221,8 +237,9 @@ def _check_table(check: _Checker, data: Any) -> Table:
     version = check.field(data, "schema_version", "")
     if isinstance(version, bool) or not isinstance(version, int):
         raise check.fail("schema_version", f"must be an integer, got {_short(version)}")
-    if version != SCHEMA_VERSION:
-        raise check.fail("schema_version", f"unknown schema version {_short(version)} (this moetune reads {SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        raise check.fail("schema_version", f"unknown schema version {_short(version)} (this moetune reads {readable})")
     device = _check_device(check, check.field(data, "device", ""))
     versions = _check_versions(check, check.field(data, "versions", ""))
     created = _check_created(check, check.field(data, "created", ""))

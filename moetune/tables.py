@@ -22,9 +22,11 @@ import torch
 from .device import DeviceInfo, shared_memory_for_capability
 from .errors import TableError
 from .files import folder_lock, read_json, write_atomic  # noqa: F401 - write_atomic: others write through tables
-from .types import LaunchConfig, Variant
+from .types import OFF, LaunchConfig, Switches, Variant
 
-SCHEMA_VERSION = 1
+# Version 2 added each variant's kernel switches; version 1 tables read as all switches off.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 DTYPES = ("bf16", "fp16", "fp32")
 VARIANTS = tuple(variant.value for variant in Variant)
 TIME_KEYS = ("gemm1_us", "gemm2_us", "layer_us")
@@ -96,11 +98,12 @@ class VariantRecord:
     gemm1_us: float
     gemm2_us: float
     layer_us: float
+    switches: Switches = OFF
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json(), "gemm1_us": self.gemm1_us,
-                "gemm2_us": self.gemm2_us, "layer_us": self.layer_us, **self.extra}
+        return {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json(), "switches": self.switches.to_json(),
+                "gemm1_us": self.gemm1_us, "gemm2_us": self.gemm2_us, "layer_us": self.layer_us, **self.extra}
 
 
 @dataclass(frozen=True)

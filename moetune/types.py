@@ -179,27 +179,28 @@ class LaunchConfig:
     def replace(self, **changes: int) -> "LaunchConfig":
         return LaunchConfig(**{**asdict(self), **changes})
 
-    def shared_memory_bytes(self, dtype_bytes: int) -> int:
+    def shared_memory_bytes(self, dtype_bytes: int, weight_tiles: int = 1) -> int:
         """Bytes of shared memory one program needs.
 
-        Each pipeline stage buffers one A tile (BM x BK) and one B tile (BK x BN); the
-        epilogue's BM x BN output tile reuses that memory once the loop is done, so the
-        larger of the two counts.
+        Each pipeline stage buffers one A tile (BM x BK) and `weight_tiles` B tiles (BK x BN;
+        two when GEMM 1 computes gate and up together); the epilogue's BM x BN output tile
+        reuses that memory once the loop is done, so the larger of the two counts.
         """
-        pipeline = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * dtype_bytes
+        pipeline = self.num_stages * (self.block_m * self.block_k
+                                      + weight_tiles * self.block_k * self.block_n) * dtype_bytes
         return max(pipeline, self.block_m * self.block_n * dtype_bytes)
 
-    def accumulator_registers(self) -> int:
-        """fp32 accumulator registers each thread holds."""
-        return self.block_m * self.block_n // (32 * self.num_warps)
+    def accumulator_registers(self, weight_tiles: int = 1) -> int:
+        """fp32 accumulator registers each thread holds (one accumulator per weight tile)."""
+        return weight_tiles * self.block_m * self.block_n // (32 * self.num_warps)
 
-    def fit_problem(self, dtype_bytes: int, shared_memory_limit: int) -> str | None:
+    def fit_problem(self, dtype_bytes: int, shared_memory_limit: int, weight_tiles: int = 1) -> str | None:
         """Why this config cannot run well on a device with this much shared memory per
         block (it would not launch, or ptxas would spill), or None when it fits."""
-        smem = self.shared_memory_bytes(dtype_bytes)
+        smem = self.shared_memory_bytes(dtype_bytes, weight_tiles)
         if smem > shared_memory_limit:
             return f"shared memory {smem} B > limit {shared_memory_limit} B"
-        registers = self.accumulator_registers()
+        registers = self.accumulator_registers(weight_tiles)
         if registers > MAX_ACCUMULATOR_REGISTERS:
             return (f"{self.block_m}x{self.block_n} tile on {self.num_warps} warps needs {registers} "
                     f"accumulator registers per thread (> {MAX_ACCUMULATOR_REGISTERS})")
@@ -212,3 +213,88 @@ def unknown_keys(data: Mapping) -> list[str]:
 
 
 LAUNCH_CONFIG_FIELDS = tuple(field.name for field in fields(LaunchConfig))
+
+SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
+
+
+class SwitchError(ValueError):
+    """A kernel switch value, or a combination of them, that the kernels cannot run."""
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Compile-time switches of the expert kernels for one layer (both GEMMs); all off is
+    the plain path: GEMM 1 stores by slot, a SiLU-and-mul kernel, GEMM 2 gathers its rows.
+
+    sorted_rows: GEMM 1 writes rows in aligned order and GEMM 2 reads them so (both
+        configs then share one BLOCK_SIZE_M). fuse_activation: SiLU-and-mul in GEMM 1's
+        epilogue. tma_weights / tma_activations: weight tiles / GEMM 2's sorted A tiles load
+        through tensor descriptors (TMA). split_k: the K range split over programs (small
+        M). persistent: about one program per SM looping over the live tiles.
+    """
+
+    sorted_rows: bool = False
+    fuse_activation: bool = False
+    tma_weights: bool = False
+    tma_activations: bool = False
+    split_k: int = 1
+    persistent: bool = False
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "split_k":
+                if isinstance(value, bool) or value not in SPLIT_K_CHOICES:
+                    raise SwitchError(f"split_k must be one of {', '.join(map(str, SPLIT_K_CHOICES))}, got {value!r}")
+            elif not isinstance(value, bool):
+                raise SwitchError(f"{field.name} must be true or false, got {value!r}")
+        if self.tma_activations and not self.sorted_rows:
+            raise SwitchError("tma_activations needs sorted_rows: only sorted rows are contiguous per block")
+        if self.fuse_activation and self.split_k > 1:
+            raise SwitchError(f"fuse_activation and split_k = {self.split_k} cannot go together: the SiLU "
+                              "epilogue cannot run on split-K partials")
+
+    @classmethod
+    def from_json(cls, data: Any, what: str = "switches") -> "Switches":
+        """Read switches written by to_json; a key or value the kernels do not know is named."""
+        if not isinstance(data, Mapping):
+            raise SwitchError(f"{what} must be an object of switch names, got {type(data).__name__}")
+        known = {field.name for field in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise SwitchError(f"{what}: unknown switch {key!r}, expected some of {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except SwitchError as error:
+            raise SwitchError(f"{what}: {error}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The switches that differ from off (an empty object is the plain path)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)
+                if getattr(self, field.name) != field.default}
+
+    @property
+    def weight_tiles(self) -> int:
+        """B tiles a GEMM 1 program holds per stage: two when it computes gate and up together."""
+        return 2 if self.fuse_activation else 1
+
+    def config_problem(self, gemm1: LaunchConfig, gemm2: LaunchConfig) -> str | None:
+        """Why the two GEMMs' configs cannot run with these switches, or None."""
+        if self.sorted_rows and gemm1.block_m != gemm2.block_m:
+            return (f"sorted_rows needs one BLOCK_SIZE_M for both GEMMs, got {gemm1.block_m} and {gemm2.block_m}")
+        return None
+
+    @property
+    def sglang_runnable(self) -> bool:
+        """Whether SGLang's Triton fused MoE runs this path: the plain one, or (a `_down`
+        config with USE_TMA) sorted rows with both operands of GEMM 2 through TMA."""
+        return self in (OFF, SGLANG_TMA)
+
+    @property
+    def vllm_runnable(self) -> bool:
+        """Whether vLLM's Triton fused MoE runs this path: the plain one only."""
+        return self == OFF
+
+
+OFF = Switches()
+SGLANG_TMA = Switches(sorted_rows=True, tma_weights=True, tma_activations=True)

@@ -163,7 +163,7 @@ def _set(value, *path):
 
 # (mutation of the JSON form, text the error must contain)
 MALFORMED = {
-    "unknown schema version": (_set(2, "schema_version"), "schema_version: unknown schema version 2"),
+    "unknown schema version": (_set(3, "schema_version"), "schema_version: unknown schema version 3"),
     "schema version as text": (_set("1", "schema_version"), "schema_version: must be an integer"),
     "top level not an object": (lambda table: table.clear() or table.update({"schema_version": 1}), "device: missing"),
     "no schema_version": (_drop("schema_version"), "schema_version: missing"),
