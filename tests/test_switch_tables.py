@@ -14,7 +14,7 @@ from moetune.loader import get_config, load_table
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 from moetune.tables import SCHEMA_VERSION, read_table, table_path, validate_table, write_table
 from tests.moe_inputs import make_inputs
-from tests.test_tables import H200, config, make_table, timed
+from tests.test_tables import config, make_table, timed
 
 E, N, K, TOPK, M = 4, 16, 32, 2, 6
 SMALL = config(m=16, n=32, k=32, stages=2)
