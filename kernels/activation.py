@@ -71,10 +71,9 @@ def _silu_and_mul_kernel(
         part = x_ptr + split * stride_xs + row * stride_xm
         gate += tl.load(part + offs, mask=mask, other=0.0).to(tl.float32)
         up += tl.load(part + N + offs, mask=mask, other=0.0).to(tl.float32)
-    if QUANT != 0:
-        if SPLITS > 1:  # rounded as GEMM 1 stores them without split-K (see fp8 in the module doc)
-            gate = _round(gate, ROUNDING)
-            up = _round(up, ROUNDING)
+    if QUANT != 0 and SPLITS > 1:  # rounded as GEMM 1 stores them without split-K (module doc: fp8)
+        gate = _round(gate, ROUNDING)
+        up = _round(up, ROUNDING)
     # silu(g) = g * sigmoid(g), computed in fp32 and rounded once
     result = gate / (1.0 + tl.exp(-gate)) * up
     if QUANT == 2:

@@ -19,6 +19,7 @@ from moetune.quant import (FP8_DTYPE, FP8_TOLERANCE, fp8_moe_reference, fp8_tole
 from moetune.reference import moe_reference, relative_error
 from tests.moe_inputs import make_inputs
 
+OFF = KernelSwitches()
 CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1, "num_warps": 4,
           "num_stages": 2}
 KERNEL_MODULES = ["activation", "grouped_gemm", "quantize", "reduce"]
@@ -124,7 +125,7 @@ def layer():
     return x, weights, ids, moe_reference(x, w1, w2, weights, ids), modes
 
 
-def run_fp8(x, w1q, w2q, s1, s2, weights, ids, block, switches=KernelSwitches(), *, atomic_add,
+def run_fp8(x, w1q, w2q, s1, s2, weights, ids, block, switches=OFF, *, atomic_add,
             config1=CONFIG, config2=CONFIG, out_dtype=None):
     num_experts = w1q.shape[0]
     aligned1 = align_tokens(ids, num_experts, config1["BLOCK_SIZE_M"])
@@ -147,7 +148,7 @@ def assert_fp8_close(out, ref, block, exact=None):
 
 
 SWITCHES = {
-    "off": KernelSwitches(),
+    "off": OFF,
     "sorted+tma+persistent": KernelSwitches(sorted_rows=True, tma_weights=True, tma_activations=True,
                                             persistent=True),
     "fused-activation": KernelSwitches(fuse_activation=True),
