@@ -150,7 +150,7 @@ def _gemm_tile(
 
 
 @triton.jit
-def grouped_gemm_kernel(
+def _grouped_gemm_kernel(
     # Pointers
     a_ptr,  # [rows_a, K] activations; row of slot s is s // A_ROWS_PER_SLOT (A_SORTED: aligned position)
     b_ptr,  # [E, N, K] expert weights (output features, reduction); FUSE_SILU: [E, 2N, K], gate then up

@@ -53,16 +53,16 @@ from triton.runtime.interpreter import InterpretedFunction
 from .align import AlignedTokens
 from .gemm_operands import FP8_DTYPE, Fp8Scales, GemmSwitches, check_block_k, check_fp8_operands, check_gemm_switches, \
     check_operands
-from .gemm_kernel import QUANT_BLOCK, QUANT_NONE, QUANT_PER_TENSOR, grouped_gemm_kernel
+from .gemm_kernel import QUANT_BLOCK, QUANT_NONE, QUANT_PER_TENSOR, _grouped_gemm_kernel
 from .launch import compile_only, launch
 
 EPILOGUE_STORE = 0
 EPILOGUE_ATOMIC_ADD = 1
 
 
-# Triton chose between compiling and interpreting when the kernel above was defined (by
+# Triton chose between compiling and interpreting when the kernel was defined (by
 # TRITON_INTERPRET at that moment); ask the kernel rather than the environment.
-INTERPRETED = isinstance(grouped_gemm_kernel, InterpretedFunction)
+INTERPRETED = isinstance(_grouped_gemm_kernel, InterpretedFunction)
 
 
 def interpreted_kernels() -> bool:
@@ -149,7 +149,7 @@ def _launch(pointers, geometry: GemmGeometry, config: dict, switches: GemmSwitch
     tiles = triton.cdiv(g.capacity, config["BLOCK_SIZE_M"]) * triton.cdiv(g.n_out, config["BLOCK_SIZE_N"]) * s.split_k
     # The persistent grid's size is no compile-time constant: any num_programs runs the same binary.
     grid = (min(num_programs, tiles) if s.persistent else tiles,)
-    launch(grouped_gemm_kernel, grid)(
+    launch(_grouped_gemm_kernel, grid)(
         *pointers,
         g.n_out, g.k_in, g.capacity, g.num_slots, g.weight_rows,
         g.stride_am, g.stride_ak, g.stride_be, g.stride_bn, g.stride_bk, g.stride_cm, g.stride_cn, g.stride_cs,
