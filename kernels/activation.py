@@ -6,6 +6,13 @@ row [2N] splits in two halves.
 With `aligned` (the sorted intermediate, kernels/switches.py) the rows are GEMM 1's aligned
 positions: rows past the used range and padding rows are skipped, neither read nor written.
 With a 3-D x [splits, rows, 2N] (GEMM 1's split-K partials, fp32) the splits are summed first.
+
+fp8 (silu_and_mul_fp8): split-K partials are summed and rounded to the activation dtype,
+as GEMM 1 stores gate and up without split-K; the result is rounded to it too, as the
+unquantized layer stores it, then quantized in the same pass: per token and group of columns (fp8 out
+and its scales), or, per tensor, stored in the activation dtype while the kernel maxes |out|
+into an amax that kernels/quantize.py's per-tensor quantization then uses (the scale needs
+every row's max before any element is quantized).
 """
 
 from __future__ import annotations
@@ -16,27 +23,46 @@ import triton.language as tl
 
 from .align import AlignedTokens
 from .launch import launch
+from .quantize import FP8_DTYPE, LiveRows, emulate_fp8_cast, group_block, live_row, quantize_groups, \
+    quantize_per_tensor
+
+QUANT_NONE, QUANT_AMAX, QUANT_GROUPS = 0, 1, 2
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _round(x, ROUNDING: tl.constexpr):
+    """fp32 x rounded to 1 bf16 / 2 fp16 (0: left in fp32), returned in fp32."""
+    if ROUNDING == 1:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    elif ROUNDING == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr,  # [rows, 2N], or [SPLITS, rows, 2N] partials to sum
-    out_ptr,  # [rows, N]
-    sorted_ids_ptr,  # [rows] slot per aligned position, read when ALIGNED_ROWS
-    padded_rows_ptr,  # [1] aligned rows in use, read when ALIGNED_ROWS
-    N, num_slots,
-    stride_xm, stride_om, stride_xs,
+    out_ptr,  # [rows, N]: the activation dtype, or fp8 with QUANT_GROUPS
+    scale_ptr,  # QUANT_GROUPS: [rows, ceil(N / GROUP)] fp32
+    amax_ptr,  # QUANT_AMAX: [1] fp32, maxed with |out|
+    sorted_ids_ptr, padded_rows_ptr, slot_experts_ptr, num_slots, num_experts,  # live rows (quantize.py)
+    N,
+    stride_xm, stride_om, stride_xs, stride_sm,
     BLOCK_N: tl.constexpr,
     ALIGNED_ROWS: tl.constexpr,
+    SLOT_EXPERTS: tl.constexpr,
     SPLITS: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROUNDING: tl.constexpr,  # fp8: the activation dtype (_round), which the quantized values are rounded to
+    EMULATE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if ALIGNED_ROWS:
-        # The grid covers the worst-case capacity; padding rows hold no slot.
-        if row >= tl.load(padded_rows_ptr):
-            return
-        if tl.load(sorted_ids_ptr + row) >= num_slots:
-            return
+    # The grid covers every row; dead rows (padding, other ranks' slots) are skipped.
+    if not live_row(row, sorted_ids_ptr, padded_rows_ptr, slot_experts_ptr, num_slots, num_experts,
+                    ALIGNED_ROWS, SLOT_EXPERTS):
+        return
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     gate = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
@@ -45,9 +71,41 @@ def _silu_and_mul_kernel(
         part = x_ptr + split * stride_xs + row * stride_xm
         gate += tl.load(part + offs, mask=mask, other=0.0).to(tl.float32)
         up += tl.load(part + N + offs, mask=mask, other=0.0).to(tl.float32)
+    if QUANT != 0 and SPLITS > 1:  # rounded as GEMM 1 stores them without split-K (module doc: fp8)
+        gate = _round(gate, ROUNDING)
+        up = _round(up, ROUNDING)
     # silu(g) = g * sigmoid(g), computed in fp32 and rounded once
     result = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + row * stride_om + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT == 2:
+        result = _round(result, ROUNDING)
+        groups = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+        quantize_groups(result, out_ptr + row * stride_om + offs, scale_ptr + row * stride_sm + groups, mask,
+                        BLOCK_N, GROUP, EMULATE)
+    else:
+        stored = result.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_om + offs, stored, mask=mask)
+        if QUANT == 1:
+            tl.atomic_max(amax_ptr, tl.max(tl.abs(stored.to(tl.float32)), axis=0), sem="relaxed")
+
+
+def _launch_silu(x: torch.Tensor, out: torch.Tensor, live: LiveRows, *, scales=None, amax=None,
+                 group: int | None = None, rounding: torch.dtype = torch.float32) -> None:
+    splits, rows, two_n = x.shape if x.dim() == 3 else (1, *x.shape)
+    n = two_n // 2
+    if rows == 0:
+        return
+    if live.aligned is not None:
+        capacity = live.aligned.sorted_ids.numel()
+        if rows < capacity:
+            raise ValueError(f"aligned rows: x has {rows} rows, fewer than the alignment's capacity {capacity}")
+        rows = capacity
+    block_n = group_block(n, group) if group else min(1024, triton.next_power_of_2(n))
+    quant = QUANT_GROUPS if group else QUANT_AMAX if amax is not None else QUANT_NONE
+    launch(_silu_and_mul_kernel, (rows, triton.cdiv(n, block_n)))(
+        x, out, scales if scales is not None else x, amax if amax is not None else x, *live.kernel_args(x), n,
+        x.stride(-2), out.stride(0), x.stride(0) if splits > 1 else 0, scales.stride(0) if scales is not None else 0,
+        BLOCK_N=block_n, **live.flags(), SPLITS=splits, QUANT=quant, GROUP=group or 1,
+        ROUNDING=_ROUNDING[rounding], EMULATE=emulate_fp8_cast(), num_warps=4 if block_n >= 512 else 1)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: AlignedTokens | None = None,
@@ -60,23 +118,28 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: A
     only those holding one of the `num_slots` slots are computed; the others of `out` are
     left as they were.
     """
-    splits, rows, two_n = x.shape if x.dim() == 3 else (1, *x.shape)
-    n = two_n // 2
+    rows, two_n = x.shape[-2:]
     if out is None:
-        out = torch.empty(rows, n, dtype=dtype or x.dtype, device=x.device)
-    if rows == 0:
-        return out
-    if aligned is not None:
-        if rows < aligned.sorted_ids.numel():
-            raise ValueError(f"aligned rows: x has {rows} rows, fewer than the alignment's capacity "
-                             f"{aligned.sorted_ids.numel()}")
-        rows = aligned.sorted_ids.numel()
-        sorted_ids, padded_rows = aligned.sorted_ids, aligned.padded_rows
-    else:
-        sorted_ids = padded_rows = x  # not read
-    block_n = min(1024, triton.next_power_of_2(n))
-    launch(_silu_and_mul_kernel, (rows, triton.cdiv(n, block_n)))(
-        x, out, sorted_ids, padded_rows, n, num_slots, x.stride(-2), out.stride(0),
-        x.stride(0) if splits > 1 else 0, BLOCK_N=block_n,
-        ALIGNED_ROWS=aligned is not None, SPLITS=splits, num_warps=4 if block_n >= 512 else 1)
+        out = torch.empty(rows, two_n // 2, dtype=dtype or x.dtype, device=x.device)
+    _launch_silu(x, out, LiveRows(aligned=aligned, num_slots=num_slots))
     return out
+
+
+def silu_and_mul_fp8(x: torch.Tensor, group_size: int | None, *, dtype: torch.dtype, live: LiveRows
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, 2N] (or [splits, rows, 2N] fp32 partials) -> (fp8 [rows, N], fp32 scales) of
+    silu(gate) * up rounded to `dtype`: scales [rows, ceil(N / group_size)] per token and
+    group, or [1] for the whole tensor (group_size None: two more kernels, see module doc).
+    Only `live` rows are computed (and count in the per-tensor scale); the others are left
+    unwritten."""
+    rows, two_n = x.shape[-2:]
+    n = two_n // 2
+    if group_size is None:
+        activation = torch.empty(rows, n, dtype=dtype, device=x.device)
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        _launch_silu(x, activation, live, amax=amax, rounding=dtype)
+        return quantize_per_tensor(activation, live=live, amax=amax)
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty(rows, triton.cdiv(n, group_size), dtype=torch.float32, device=x.device)
+    _launch_silu(x, q, live, scales=scales, group=group_size, rounding=dtype)
+    return q, scales

@@ -109,3 +109,67 @@ def dequantize_activations(quantized: torch.Tensor, scale: torch.Tensor, group_s
         return values * scale.to(dtype)
     expanded = scale.to(dtype).repeat_interleave(group_size, dim=1)
     return values * expanded[:, : quantized.shape[1]]
+
+
+# Relative error ||out - ref|| / ||ref|| allowed for the fp8 layer against fp8_moe_reference,
+# per mode: the reference quantizes exactly as the kernels do, so what remains is the
+# kernels' roundings to the activation dtype (GEMM 2's output, and its [M, topk, K] cache
+# in the unfused variant) and the few fp8 roundings that those differences, or fp32 sums,
+# tip to the neighbouring fp8 value. Against the unquantized layer the error is several
+# times larger (fp8 keeps 3 mantissa bits): reported, never gated.
+FP8_TOLERANCE = {"per_tensor": 1e-2, "block": 1e-2}
+
+
+def fp8_tolerance(block_shape: Sequence[int] | None) -> float:
+    """The tolerance of the fp8 layer with these weight scales (FP8_TOLERANCE)."""
+    return FP8_TOLERANCE["per_tensor" if check_block_shape(block_shape) is None else "block"]
+
+
+def fp8_moe_reference(hidden_states: torch.Tensor, w1_q: torch.Tensor, w2_q: torch.Tensor, w1_scale: torch.Tensor,
+                      w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      block_shape: Sequence[int] | None = None, routed_scaling_factor: float | None = None
+                      ) -> torch.Tensor:
+    """The fp8 MoE layer in float64, its activations quantized as the kernels quantize them.
+
+    w1_q [E, 2N, K] and w2_q [E, K, N] are fp8 with scales as quantize_weights makes them;
+    they are dequantized exactly. hidden_states (the activation dtype) are quantized per
+    tensor or per token and group of block_k; GEMM 1's result is rounded to the activation
+    dtype (as the kernel stores it), silu(gate) * up is computed and rounded to the
+    activation dtype again, then quantized the same way (per tensor: one scale over the
+    slots routed to experts in [0, E)); GEMM 2 and the router-weighted top-k sum follow.
+    Slots whose expert id is outside [0, E) contribute nothing (expert parallelism).
+    """
+    block = check_block_shape(block_shape)
+    group = block[1] if block else None
+    dtype, device = hidden_states.dtype, hidden_states.device
+    x = dequantize_activations(*quantize_activations(hidden_states.detach(), group), group)
+    num_experts, two_n, _ = w1_q.shape
+    n = two_n // 2
+    ids = topk_ids.detach().long()
+    weights = topk_weights.detach().double()
+
+    def expert_weights(w_q: torch.Tensor, scale: torch.Tensor, expert: int) -> torch.Tensor:
+        # One expert at a time: all of DeepSeek-V3's w1 in float64 would take 7.5 GB.
+        return dequantize_weights(w_q[expert:expert + 1], scale[expert:expert + 1], block)[0]
+
+    routed = [torch.nonzero(ids == expert, as_tuple=True) for expert in range(num_experts)]
+    activation = torch.zeros(ids.numel(), n, dtype=torch.float64, device=device)  # one row per slot
+    for expert, (token, k) in enumerate(routed):
+        if token.numel():
+            h = (x[token] @ expert_weights(w1_q, w1_scale, expert).T).to(dtype).double()
+            act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+            activation[token * ids.shape[1] + k] = act.to(dtype).double()
+    live = ((ids >= 0) & (ids < num_experts)).reshape(-1)
+    quantized = torch.zeros_like(activation)
+    if live.any():
+        q, scale = quantize_activations(activation[live].to(dtype), group)
+        quantized[live] = dequantize_activations(q, scale, group)
+
+    out = torch.zeros(x.shape[0], w2_q.shape[1], dtype=torch.float64, device=device)
+    for expert, (token, k) in enumerate(routed):
+        if token.numel():
+            y = quantized[token * ids.shape[1] + k] @ expert_weights(w2_q, w2_scale, expert).T
+            out.index_add_(0, token, y * weights[token, k][:, None])
+    if routed_scaling_factor is not None:
+        out *= routed_scaling_factor
+    return out
