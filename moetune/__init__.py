@@ -23,6 +23,7 @@ _PUBLIC = {
     "Role": "types",
     "Variant": "types",
     "Switches": "types",
+    "quantize_weights": "quant",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

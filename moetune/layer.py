@@ -8,7 +8,7 @@ GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two varian
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
@@ -16,7 +16,8 @@ import torch
 from .device import INTERPRET_ENV, interpreter_enabled
 from .kernels import KernelSwitches, align_tokens, run_experts, select_experts
 from .kernels.routing import check_routing
-from .loader import get_config, warn_once
+from .loader import default_selection, get_config, warn_once
+from .quant import FP8_DTYPE, check_block_shape
 from .tables import TORCH_DTYPES
 from .types import OFF, LaunchConfig, Switches, SwitchError, Variant, unknown_keys
 
@@ -48,8 +49,9 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_exp
     if hidden_states.dtype not in DTYPES:
         raise TypeError(f"hidden_states dtype {hidden_states.dtype} is not supported; use bf16, fp16 or fp32")
     for name, tensor in (("w1", w1), ("w2", w2)):
-        if tensor.dtype != hidden_states.dtype:
-            raise TypeError(f"{name} dtype {tensor.dtype} differs from hidden_states dtype {hidden_states.dtype}")
+        if tensor.dtype != hidden_states.dtype and tensor.dtype != FP8_DTYPE:
+            raise TypeError(f"{name} dtype {tensor.dtype} differs from hidden_states dtype {hidden_states.dtype} "
+                            f"(or is fp8 e4m3 with w1_scale / w2_scale)")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if not topk_weights.dtype.is_floating_point:
@@ -128,11 +130,18 @@ def _given_config(config: LaunchConfig | Mapping, what: str) -> LaunchConfig:
     return checked
 
 
-def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic):
-    """The (GEMM 1 config, GEMM 2 config, variant) to run: given, or from the tuned tables."""
+def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic, fp8_block=None):
+    """The (GEMM 1 config, GEMM 2 config, variant, switches) to run: given, or from the
+    tuned tables. fp8 layers have no tables yet: the default heuristic serves them, with
+    BLOCK_SIZE_K cut to divide the weights' scale block."""
     if config is None and down_config is None:
         m, k = hidden_states.shape
         e, two_n, _ = w1.shape
+        if fp8_block is not None:
+            selection = default_selection(e, two_n // 2, k, topk, m, variant or Variant.UNFUSED)
+            block_k = min(selection.gemm1.block_k, fp8_block[1])
+            return selection.gemm1.replace(block_k=block_k), selection.gemm2.replace(block_k=block_k), \
+                selection.variant, OFF
         selection = get_config(e, two_n // 2, k, topk, hidden_states.dtype, m,
                                variant=variant, deterministic=deterministic)
         return selection.gemm1, selection.gemm2, selection.variant, selection.switches
@@ -171,6 +180,10 @@ def fused_experts(
     apply_router_weight_on_input: bool = False,
     inplace: bool = False,
     switches: Switches | Mapping | None = None,
+    use_fp8_w8a8: bool | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
 ) -> torch.Tensor:
     """The MoE layer given the routing: hidden_states [M, K], w1 [E, 2N, K], w2 [E, K, N].
 
@@ -193,6 +206,12 @@ def fused_experts(
     inplace: write the result into hidden_states (and return it).
     switches: kernel switches (moetune.Switches or its JSON form) for the given configs;
         None takes the table's with its configs, all off with given configs.
+    use_fp8_w8a8 / w1_scale / w2_scale / block_shape: fp8 e4m3 weights with their scales,
+        as moetune.quantize_weights makes them and vLLM and SGLang name them: per expert
+        ([E]) with block_shape None, else per block_n x block_k block ([E, ceil(2N/bn),
+        ceil(K/bk)] and [E, ceil(K/bn), ceil(N/bk)]). Activations are quantized on the fly
+        (per tensor, or per token and group of block_k columns); out keeps hidden_states'
+        dtype. use_fp8_w8a8 None infers it from the weights' dtype.
     Returns out [M, K] in the input dtype.
     """
     if variant is not None:
@@ -201,6 +220,7 @@ def fused_experts(
         raise ValueError(f"accumulation must be None or 'fp32', got {accumulation!r}")
     if routed_scaling_factor is not None and not isinstance(routed_scaling_factor, (int, float)):
         raise TypeError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
+    fp8 = _fp8_requested(use_fp8_w8a8, w1, w2, w1_scale, w2_scale, block_shape)
     if inplace:
         if out is not None:
             raise ValueError("inplace=True writes into hidden_states: do not pass out as well")
@@ -222,8 +242,9 @@ def fused_experts(
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     if m == 0:
         return out
+    fp8_block = None if not fp8 else tuple(block_shape) if block_shape is not None else (w1.shape[1], 128)
     gemm1, gemm2, variant, chosen = _select_configs(hidden_states, w1, topk, variant, config, down_config,
-                                                    deterministic)
+                                                    deterministic, fp8_block)
     switches = chosen if switches is None else _given_switches(switches, gemm1, gemm2)
 
     topk_ids = topk_ids.contiguous()
@@ -231,7 +252,8 @@ def fused_experts(
     aligned1, aligned2 = align_for(topk_ids, num_experts, gemm1, gemm2)
     return run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
                        variant=variant, routed_scaling_factor=routed_scaling_factor, out=out,
-                       accumulation=accumulation, switches=switches)
+                       accumulation=accumulation, switches=switches,
+                       fp8=Fp8Weights(w1_scale, w2_scale, block_shape) if fp8 else None)
 
 
 def _kernel_config(config: LaunchConfig | Mapping) -> Mapping[str, int]:
@@ -248,9 +270,37 @@ def align_for(topk_ids: torch.Tensor, num_experts: int, gemm1: LaunchConfig | Ma
     return aligned1, align_tokens(topk_ids, num_experts, block2)
 
 
+@dataclass(frozen=True)
+class Fp8Weights:
+    """The scales of fp8 weights and their block shape (None: one scale per expert)."""
+
+    w1_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    block_shape: list[int] | None
+
+    def kernel_arguments(self) -> dict:
+        return {"w1_scale": self.w1_scale, "w2_scale": self.w2_scale, "block_shape": self.block_shape}
+
+
+def _fp8_requested(use_fp8_w8a8, w1, w2, w1_scale, w2_scale, block_shape) -> bool:
+    """Whether the weights are fp8, checked against what the caller says and passes."""
+    fp8_weights = [isinstance(w, torch.Tensor) and w.dtype == FP8_DTYPE for w in (w1, w2)]
+    fp8 = all(fp8_weights) if use_fp8_w8a8 is None else bool(use_fp8_w8a8)
+    if fp8 and not all(fp8_weights):
+        raise TypeError(f"use_fp8_w8a8 needs w1 and w2 in {FP8_DTYPE}, got {w1.dtype} and {w2.dtype}")
+    if not fp8 and any(fp8_weights):
+        raise TypeError("w1 and w2 must both be fp8 e4m3 (with w1_scale and w2_scale) or neither")
+    if fp8 and (w1_scale is None or w2_scale is None):
+        raise ValueError("fp8 weights need w1_scale and w2_scale")
+    if not fp8 and (w1_scale is not None or w2_scale is not None or block_shape is not None):
+        raise ValueError("w1_scale, w2_scale and block_shape are for fp8 weights only")
+    check_block_shape(block_shape)
+    return fp8
+
+
 def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, *,
                 variant, routed_scaling_factor=None, out=None, accumulation=None, atomic_sem="relaxed",
-                switches: Switches = OFF):
+                switches: Switches = OFF, fp8: Fp8Weights | None = None):
     """The layer after alignment, on validated input.
 
     `moetune compare` times this alone, routing and alignment outside, so that its timings
@@ -263,15 +313,16 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
     kernel_switches = KernelSwitches(**asdict(switches))
+    quantized = fp8.kernel_arguments() if fp8 is not None else {}
     if Variant(variant) is Variant.UNFUSED:
         return run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
-                           kernel_switches, atomic_add=False, out=out, weight_scale=scale)
+                           kernel_switches, atomic_add=False, out=out, weight_scale=scale, **quantized)
     # Fused: every (token, k) slot adds into the zeroed target; tokens whose experts all
     # live on other ranks keep the zero.
     target = out if accumulation is None or out.dtype == torch.float32 else \
         torch.empty(m, k, dtype=torch.float32, device=out.device)
     run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, kernel_switches,
-                atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem)
+                atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem, **quantized)
     if target is not out:
         out.copy_(target)
     return out
