@@ -22,7 +22,7 @@ def test_a_role_is_timed_with_a_cutoff_once_three_configs_are_measured(monkeypat
     import torch
 
     from moetune.bench import make_weights
-    from moetune.bench_layer import BatchBench
+    from moetune.tune.inputs import BatchBench
 
     w1, w2 = make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0))
     bench = BatchBench(w1, w2, 5, 2, seed=1)
@@ -42,7 +42,7 @@ def test_warming_up_a_batch_size_aligns_at_every_block_size_and_runs_the_default
     import torch
 
     from moetune.bench import make_weights
-    from moetune.bench_layer import BatchBench
+    from moetune.tune.inputs import BatchBench
 
     w1, w2 = make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0))
     bench = BatchBench(w1, w2, 5, 2, seed=1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moetune.bench import make_weights
-from moetune.bench_layer import ROLES, BatchBench, compile_helpers, helper_requests
-from moetune.tune import _compile_candidate
+from moetune.tune.inputs import ROLES, BatchBench, compile_helpers, helper_requests
+from moetune.tune.run import _compile_candidate
 
 # The modules, not the functions kernels/__init__ re-exports under the same names.
 LAUNCHING_MODULES = [importlib.import_module(f"moetune.kernels.{name}")
@@ -79,8 +79,8 @@ HELPERS_FOR_A_GPU = """
 import sys
 import torch
 from triton.runtime import driver
-from moetune import tune
-from moetune.bench_layer import compile_helpers, helper_requests
+from moetune.tune import run as tune
+from moetune.tune.inputs import compile_helpers, helper_requests
 
 driver.set_active(tune.compile_only_driver((9, 0)))
 for request in helper_requests(8, 4, 32, 64, 2, torch.float16, [16]):
@@ -111,7 +111,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import optuna  # noqa: E402
 
-from moetune import tune as tune_module  # noqa: E402
+from moetune.tune import run as tune_module  # noqa: E402
 from moetune.cli import build_parser  # noqa: E402
 from moetune.cli.run import build_settings  # noqa: E402
 
@@ -229,7 +229,7 @@ def test_a_batch_size_s_kernels_are_loaded_only_once_its_helpers_compiled_ahead(
 
 
 def test_a_batch_size_s_first_visit_sends_its_helper_kernels_and_default_configs_to_compile(tmp_path):
-    from moetune.bench_layer import role_compile_request
+    from moetune.tune.inputs import role_compile_request
     from moetune.configs import default_config
 
     args = build_parser().parse_args(["run", "--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32",

@@ -10,8 +10,8 @@ import multiprocessing
 import torch
 
 from moetune.bench import make_weights
-from moetune.bench_layer import BatchBench
-from moetune.tune import Compiler
+from moetune.tune.inputs import BatchBench
+from moetune.tune.run import Compiler
 
 CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
 
@@ -66,7 +66,7 @@ def test_forked_compile_processes_inherit_triton_s_hash_of_itself(single_threade
 
 
 def test_forked_compile_processes_where_cuda_refuses_are_replaced_by_spawned_ones(single_threaded, monkeypatch):
-    import moetune.tune as tune
+    import moetune.tune.run as tune
 
     monkeypatch.setattr(tune, "forked_after_cuda", lambda: True)  # what the forked children will see
     compiler = Compiler(2)
@@ -102,7 +102,7 @@ def test_compiles_given_a_compute_capability_never_ask_cuda(monkeypatch):
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    import moetune.tune as tune
+    import moetune.tune.run as tune
 
     def no_cuda(*args):
         raise AssertionError("asked CUDA")
@@ -128,7 +128,7 @@ def test_compiles_given_a_compute_capability_never_ask_cuda(monkeypatch):
 
 def test_a_compile_only_driver_that_cannot_be_built_leaves_the_compile_to_the_gpu_s_driver(monkeypatch):
     import moetune.kernels
-    import moetune.tune as tune
+    import moetune.tune.run as tune
 
     def unbuildable(capability):
         raise TypeError("this Triton's driver takes other arguments")

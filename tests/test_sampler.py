@@ -4,7 +4,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from moetune.sampler import KeptConfigSampler
+from moetune.tune.sampler import KeptConfigSampler
 
 VALUES = [1, 2, 3, 4, 5, 6, 7, 8]
 SPACE = {"a": CategoricalDistribution(VALUES), "b": CategoricalDistribution(VALUES)}

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from moetune.configs import CONFIG_KEYS, check_config, default_config
 from moetune.errors import UsageError
-from moetune.space import (
+from moetune.tune.space import (
     KEPT,
     PRUNED_BLOCK_M,
     PRUNED_GROUP,

@@ -148,7 +148,7 @@ def test_unwritable_out_dir_is_refused(tmp_path, capsys):
 
 def test_presets_matching_e_and_topk_are_named(tmp_path, capsys, monkeypatch):
     # E 64 / top-k 8 means two presets; stop before tuning to keep the test short.
-    import moetune.tune as tune
+    import moetune.tune.run as tune
 
     seen = {}
 
@@ -164,7 +164,7 @@ def test_presets_matching_e_and_topk_are_named(tmp_path, capsys, monkeypatch):
 
 def test_a_config_computing_wrong_results_is_rejected(tmp_path, monkeypatch):
     """A config whose GEMM 2 output is off never wins, and its trial says why."""
-    import moetune.bench_layer as bench_layer
+    import moetune.tune.inputs as bench_layer
     import moetune.layer as layer
 
     real = layer.grouped_gemm

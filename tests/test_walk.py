@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from moetune import tune as tune_module
+from moetune.tune import run as tune_module
 from moetune.cli import build_parser
 from moetune.tables import read_table
 from moetune.cli.run import build_settings
-from moetune.walk import walk_order
+from moetune.tune.walk import walk_order
 
 SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
 

@@ -14,8 +14,8 @@ import optuna
 import pytest
 
 from moetune.cli import main
-from moetune.studies import COUNTED, is_held
-from moetune.study_storage import TrialHeartbeat, ask, database_url, fail_stale_trials, open_storage
+from moetune.tune.study import COUNTED, is_held
+from moetune.tune.storage import TrialHeartbeat, ask, database_url, fail_stale_trials, open_storage
 from moetune.tables import read_table
 
 TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32"]
@@ -109,7 +109,7 @@ def test_two_devices_share_the_studies_and_the_first_writes_the_table(tmp_path, 
 
 
 def test_the_parent_writes_the_table_when_the_first_worker_does_not(tmp_path, monkeypatch, capsys):
-    import moetune.workers as workers
+    import moetune.tune.workers as workers
 
     real = workers.run_workers
     # As if the writer had died: the workers run trials only and report no writer.
@@ -280,7 +280,7 @@ def test_workers_forked_before_a_refusal_exit_with_the_run(tmp_path, monkeypatch
     """The workers start before the parent checks its input; a refused run takes them down."""
     import multiprocessing
 
-    import moetune.workers as workers
+    import moetune.tune.workers as workers
 
     forked = []
     real = workers.ForkedWorkers.__init__
@@ -310,7 +310,7 @@ def test_workers_are_forked_only_without_other_threads(single_threaded):
 
 
 def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capfd, single_threaded):
-    import moetune.workers as workers
+    import moetune.tune.workers as workers
 
 
     started = []
@@ -324,7 +324,7 @@ def test_workers_are_forked_with_the_parents_imports(tmp_path, monkeypatch, capf
 def test_a_worker_forked_after_cuda_was_initialized_starts_afresh(tmp_path, monkeypatch, capfd, single_threaded):
     """CUDA refuses a child forked after its parent initialized it: the child then spawns a
     fresh process for its work (this test makes every child think so)."""
-    import moetune.workers as workers
+    import moetune.tune.workers as workers
 
     monkeypatch.setattr(workers, "forked_after_cuda", lambda: True)
     assert main(["run", *RUN, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
@@ -335,8 +335,8 @@ def test_a_worker_forked_after_cuda_was_initialized_starts_afresh(tmp_path, monk
 
 def test_the_interpreter_workers_are_labelled_as_processes(tmp_path, monkeypatch, capsys):
     """On a CPU, --devices only says how many interpreter processes to run."""
-    import moetune.workers as workers
-    import moetune.tune as tune
+    import moetune.tune.workers as workers
+    import moetune.tune.run as tune
 
     seen = {}
     monkeypatch.setattr(workers, "run_workers",
@@ -352,8 +352,8 @@ def test_forked_workers_start_their_compile_processes_then_cuda_before_their_set
     """So that the compile processes and CUDA set up while the parent checks the run."""
     import time
 
-    import moetune.tune as tune
-    import moetune.workers as workers
+    import moetune.tune.run as tune
+    import moetune.tune.workers as workers
 
     def compiler_for(compile_workers, gpu):  # runs in each forked worker
         (tmp_path / f"{os.getpid()}.started").write_text(f"{compile_workers} {gpu} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
@@ -380,7 +380,7 @@ def test_forked_workers_start_their_compile_processes_then_cuda_before_their_set
 
 
 def test_a_worker_on_a_gpu_this_process_does_not_see_gets_no_cuda_visible_devices(monkeypatch):
-    import moetune.workers as workers
+    import moetune.tune.workers as workers
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert [workers.visible_device(index) for index in range(3)] == ["2", "3", None]

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..device import DeviceInfo
 from ..errors import UsageError
 from ..shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
-from ..study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
+from ..tune.storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
 from ..tables import VARIANTS
 
 

@@ -15,8 +15,8 @@ import torch
 
 from ..device import fork_is_safe, gpu_count, interpreter_enabled, local_device
 from ..errors import UsageError
-from ..space import load_space
-from ..workers import device_of, parse_devices, visible_device
+from ..tune.space import load_space
+from ..tune.workers import device_of, parse_devices, visible_device
 from .flags import (add_run_arguments, baseline_folder, check_out_dir, check_storage, parse_variants, resolve_dtype,
                     resolve_gpu, shapes_and_batch_sizes)
 
@@ -95,7 +95,7 @@ def use_gpu(settings, index: int | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..workers import ForkedWorkers
+    from ..tune.workers import ForkedWorkers
 
     # Several GPUs: start their workers before this process touches one (see ForkedWorkers),
     # each with its compile processes.
@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace, forked, compiler) -> int:
     if args.worker:
         print("worker: runs trials only and writes no table (`moetune collect` writes them)")
     if devices is not None and len(devices) > 1:
-        from ..workers import run_workers
+        from ..tune.workers import run_workers
 
         if run_workers(settings, devices, first_writes=not args.worker, forked=forked) or args.worker:
             return 0  # the first worker wrote the tables and said so

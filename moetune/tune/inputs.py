@@ -17,14 +17,14 @@ from typing import NamedTuple
 
 import torch
 
-from .bench import adaptive_time_us, make_layer_inputs, on_gpu, wall_time_us
-from .configs import default_config
-from .kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
-from .kernels.align import AlignedTokens
-from .kernels.grouped_gemm import GemmGeometry
-from .kernels.launch import compile_only
-from .layer import align_for, run_aligned
-from .reference import TOLERANCE, moe_reference, relative_error
+from ..bench import adaptive_time_us, make_layer_inputs, on_gpu, wall_time_us
+from ..configs import default_config
+from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
+from ..kernels.align import AlignedTokens
+from ..kernels.grouped_gemm import GemmGeometry
+from ..kernels.launch import compile_only
+from ..layer import align_for, run_aligned
+from ..reference import TOLERANCE, moe_reference, relative_error
 
 ROLES = ("gemm1", "gemm2_unfused", "gemm2_fused")
 # Once this many configs of a role are measured, one slower than CUTOFF_FACTOR times the best

@@ -12,8 +12,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from .configs import CONFIG_KEYS, shared_memory_estimate, value_problem
-from .errors import UsageError
+from ..configs import CONFIG_KEYS, shared_memory_estimate, value_problem
+from ..errors import UsageError
 
 DEFAULT_SPACE_FILE = "space.yaml"
 ROLES = ("gemm1", "gemm2")

@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from .device import DeviceInfo, forked_after_cuda, interpreter_enabled, local_device
-from .errors import UsageError
+from ..device import DeviceInfo, forked_after_cuda, interpreter_enabled, local_device
+from ..errors import UsageError
 
 # How long the parent lets interrupted workers end their trials before stopping them.
 STOP_GRACE_S = 30.0
@@ -91,7 +91,7 @@ def _only_gpu(index: int | None):
 def _work(settings, write_tables: bool, compiler=None) -> None:
     """A worker process: tune, writing the tables only if it is the writer (with `compiler`,
     compile processes started earlier, else its own)."""
-    from .tune import tune, worker_salt
+    from .run import tune, worker_salt
 
     settings = replace(settings, sampler_salt=worker_salt())
     label = settings.label
@@ -112,7 +112,7 @@ def _work(settings, write_tables: bool, compiler=None) -> None:
 def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: bool) -> None:
     """A forked worker: start its compile processes, wait for its settings (None: the run
     was refused), then tune."""
-    from .tune import compiler_for
+    from .run import compiler_for
 
     # OpenMP's threads do not survive a fork: a parallel CPU op would wait for them forever
     # if the parent ran one before forking. The tuner's CPU ops are small; one thread it is.

@@ -42,20 +42,20 @@ from typing import Callable
 
 import torch
 
-from .bench_layer import (ROLE_VARIANT, ROLES, BatchBench, CompileRequest, HelperRequest, compile_helpers,
+from .inputs import (ROLE_VARIANT, ROLES, BatchBench, CompileRequest, HelperRequest, compile_helpers,
                           helper_requests, role_compile_request)
-from .bench import interleaved_times, make_weights
-from .configs import CONFIG_KEYS, check_config, default_config
-from .device import DeviceInfo, fork_is_safe, forked_after_cuda, torch_device
-from .errors import UsageError
+from ..bench import interleaved_times, make_weights
+from ..configs import CONFIG_KEYS, check_config, default_config
+from ..device import DeviceInfo, fork_is_safe, forked_after_cuda, torch_device
+from ..errors import UsageError
 from .sampler import KeptConfigSampler
-from .shapes import MoEShape
+from ..shapes import MoEShape
 from .space import Problem, SearchSpace, candidates, optuna_distributions, prune_reason
-from .studies import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, params_key, rejection_reasons,
+from .study import (WORKER_ATTR, RoleResult, Sharer, StudyState, config_of, params_key, rejection_reasons,
                       study_name, study_result, study_state, study_suffix)
-from .study_storage import (DEFAULT_HEARTBEAT_S, TrialHeartbeat, ask, default_journal, fail_stale_trials,
+from .storage import (DEFAULT_HEARTBEAT_S, TrialHeartbeat, ask, default_journal, fail_stale_trials,
                             open_storage)
-from .tables import TORCH_DTYPES, merge_tables, new_table, read_table, table_path, write_table
+from ..tables import TORCH_DTYPES, merge_tables, new_table, read_table, table_path, write_table
 from .walk import walk_order
 
 COMPILE_TIMEOUT_S = 180.0
@@ -636,7 +636,7 @@ def batch_entry(bench: BatchBench, studies: dict[str, object], settings: TuneSet
 def _baseline_configs(settings: TuneSettings, shape: MoEShape):
     if settings.baseline_dir is None:
         return None
-    from .export import find_baseline
+    from ..export import find_baseline
 
     return find_baseline(settings.baseline_dir, shape.E, shape.N, settings.device.key, settings.dtype)
 

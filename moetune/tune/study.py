@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .configs import CONFIG_KEYS
-from .device import DeviceInfo
-from .errors import UsageError
-from .shapes import MoEShape
+from ..configs import CONFIG_KEYS
+from ..device import DeviceInfo
+from ..errors import UsageError
+from ..shapes import MoEShape
 
 # Status of a trial, in its user attributes; "counted" ones use up --trials.
 COUNTED = ("measured", "wrong_result", "compile_failed", "launch_failed")
