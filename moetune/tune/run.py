@@ -3,9 +3,9 @@
 For each batch size, in ascending order when one process tunes:
   1. tune the roles (gemm1, gemm2_unfused, gemm2_fused) with multivariate TPE (steered to
      configs worth a trial, see sampler.py), warm-started with the neighbouring batch size's
-     best, the default heuristic and a baseline table;
-     candidates are pruned by rule before compiling, compiled ahead in worker processes,
-     checked against the float64 reference, then timed (study.py);
+     best, the default heuristic and a baseline table; candidates are pruned by rule,
+     compiled ahead in worker processes, checked against the float64 reference, then timed
+     (study.py);
   2. per variant, time whole layers for the best GEMM 1 x best GEMM 2 pairs, re-time the
      top few interleaved, and keep the fastest pair that passes the check (choose.py);
   3. merge the batch size into the table and write it atomically, so a killed run keeps it.
@@ -13,17 +13,16 @@ Finished trials live in the Optuna storage: rerunning the same command resumes, 
 size whose studies are complete and whose entry is written costs nothing (`--retime` chooses
 its pairs again).
 
-Several processes may share the studies (`run --devices`, `run --worker` on several hosts).
-Each visits every study, in an order of its own (walk.py), and joins any that still has
-trials to give out: the trials other processes hold RUNNING count against the budget, so
-together they overshoot it by at most one trial per process asking at the same instant.
-After its walk a process waits until every study is settled, taking over the trials of a
-process that died (see storage.py). Only a process that writes tables runs step 2, once all
-roles of a batch size are settled, whichever process tuned them (under `--devices`, the first
-GPU's process); `--worker` processes write none, and `collect` writes the tables from the
-storage.
+Processes sharing the studies (`run --devices`, `run --worker` on several hosts) each visit
+every study in an order of their own (walk.py) and join any with trials left to give out;
+the RUNNING trials of others count against the budget, so together they overshoot it by at
+most one trial per process asking at the same instant. After its walk a process waits until
+every study is settled, taking over the trials of a process that died (storage.py). Only a
+process that writes tables runs step 2, once all roles of a batch size are settled,
+whichever process tuned them; `--worker` processes write none, and `collect` writes the
+tables from the storage.
 
-The GPU's idle moments, while every pending trial is still compiling, go to work it would
+The device's idle moments, while every pending trial is still compiling, go to work it would
 otherwise wait for: building the inputs and float64 reference of the current and next batch
 size, loading the kernels their checks run, and step 2 of settled batch sizes.
 """
@@ -41,20 +40,21 @@ import optuna
 
 from ..configs import default_config
 from ..errors import UsageError
-from ..shapes import MoEShape
 from ..types import LaunchConfig, Role
 from .choose import print_summary, write_batch, written_record
 from .compile_pool import COMPILE_TIMEOUT_S, Compiler, compiler_for
 from .inputs import BatchBench, InputCache, helper_requests, role_compile_request
-from .settings import BatchKey, Clock, StudyKey, TuneSettings
+from .settings import BatchKey, StudyKey, TuneSettings
 from .storage import Sharer, StudyStorage, TrialHeartbeat, open_storage, storage_exists
-from .study import RoleStudy, StudyContext, open_study, study_state, warm_starts
+from .study import RoleStudy, StudyContext, open_study, unsettled_for_collect
 from .walk import walk_order
+from .warm import WarmStarts
 
 # How often a process with nothing left to ask looks again at the studies others hold.
 WAIT_POLL_S = 0.5
 # How often a table writer, in moments it waits for compiles, looks for settled batch sizes.
 SETTLED_LOOK_S = 0.5
+INTERPRETER_NOTE = "note: these timings come from Triton's interpreter on the CPU and mean nothing about speed"
 
 
 def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_tables: bool = True,
@@ -87,7 +87,7 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
             log(f"{run.evaluated} trials evaluated here; no table written here "
                 f"(the tables come from the writing process or `moetune collect`)")
         elif not settings.device.is_gpu:
-            log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
+            log(INTERPRETER_NOTE)
     finally:
         run.close()
     return run.paths
@@ -101,9 +101,7 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
                          f"(`moetune run --worker`), with the same --storage")
     storage = open_checked_storage(settings)
     sharer = Sharer(settings.device, settings.heartbeat_s)
-    studies: dict[BatchKey, dict[Role, optuna.Study]] = {}
     for key in settings.batches():
-        studies[key] = {}
         for role in settings.roles:
             name = key.study(role).name(settings.device, settings.dtype)
             study = sharer.load(storage, name)
@@ -111,30 +109,23 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
                 raise UsageError(f"{storage.where} has no study {name!r}: run the workers first, "
                                  f"with the same shape, --dtype, --batch-sizes and --variants")
             storage.fail_stale_trials(study)
-            state = study_state(study)
-            if state.in_flight:
-                raise UsageError(f"study {name!r} has {state.in_flight} trials running: wait for the workers to finish")
-            if state.counted < settings.trials and not allow_incomplete:
-                raise UsageError(f"study {name!r} has {state.counted} of {settings.trials} trials: wait for "
-                                 f"the workers, or pass --allow-incomplete (a time budget stops studies short)")
-            studies[key][role] = study
-    clock, inputs = Clock(), InputCache(settings.torch_dtype, settings.seed)
-    written = []
-    for shape in settings.shapes:
-        rows = []
-        for key in (key for key in studies if key.shape == shape):
-            record = written_record(settings, key, studies[key])
-            if record is None:
-                record = write_batch(settings, key, inputs.get(shape, key.M), studies[key], clock)
-                if settings.table_path(shape) not in written:
-                    written.append(settings.table_path(shape))
-            rows.append((key.M, record))
-        print_summary(shape, rows, log)
-    if not written:
+            refusal = unsettled_for_collect(study, settings.trials, allow_incomplete)
+            if refusal is not None:
+                raise UsageError(f"study {name!r} {refusal}")
+    run = TuningRun(settings, storage, log, True, Compiler(0))
+    try:
+        run.look_at_earlier_runs(settled=True)
+        for batch in run.batches.values():
+            if batch.record is None:
+                run.write(batch)
+        run.print_summaries()
+    finally:
+        run.close()
+    if not run.paths:
         log("nothing left to do: every table entry is written (--retime chooses the layer pairs again)")
     elif not settings.device.is_gpu:
-        log("note: these timings come from Triton's interpreter on the CPU and mean nothing about speed")
-    return written
+        log(INTERPRETER_NOTE)
+    return run.paths
 
 
 def open_checked_storage(settings: TuneSettings) -> StudyStorage:
@@ -158,7 +149,6 @@ class Batch:
     studies: dict[Role, RoleStudy] = field(default_factory=dict)  # this process's handles on its studies
     visited: set[Role] = field(default_factory=set)  # the roles the walk opened (or asked ahead in)
     helpers: list[Future] = field(default_factory=list)  # its helper kernels' compiles
-    best: dict[Role, list[LaunchConfig]] = field(default_factory=dict)  # the best configs tuned here
     shown: dict[Role, int] = field(default_factory=dict)  # trials counted on the progress bar
     complete: bool = False  # every study had its trials when the run started
     record: dict | None = None  # its table entry, once written here (or found written)
@@ -176,7 +166,7 @@ class TuningRun:
         self.deadline = self.context.clock.start + budget * 60 if budget else math.inf
         self.batches = {key: Batch(key) for key in settings.batches()}
         self.inputs = InputCache(settings.torch_dtype, settings.seed)
-        self.baselines: dict[MoEShape, object] = {}  # shape -> its baseline table's configs, or None
+        self.warm_starts = WarmStarts(settings)
         self.visits: dict[StudyKey, int] = {}  # the walk's studies -> their place in it
         self.paths: list[Path] = []
         self.evaluated = 0
@@ -190,13 +180,14 @@ class TuningRun:
         self.context.compiler.close()
 
     # -- before: what earlier runs left -------------------------------------------------------
-    def look_at_earlier_runs(self) -> None:
+    def look_at_earlier_runs(self, settled: bool = False) -> None:
+        """Which batch sizes' studies all have their trials, and which entries were written
+        from what their studies hold now (`settled`: studies collect takes as they are)."""
         for batch in self.batches.values():
             studies = [self._look_up(batch, role) for role in self.roles]
             batch.complete = all(study is not None and study.complete() for study in studies)
-            if batch.complete and self.write_tables:
-                batch.record = written_record(self.settings, batch.key,
-                                              {study.role: study.study for study in studies})
+            if (batch.complete or settled and None not in studies) and self.write_tables:
+                batch.record = written_record(self.settings, batch.key, {study.role: study.study for study in studies})
 
     def nothing_left(self) -> bool:
         return all(batch.complete and (batch.record is not None or not self.write_tables)
@@ -219,9 +210,7 @@ class TuningRun:
                                          f"M={visit.batch.M} {visit.role}".strip())
                 study = self._visit(visit)
                 self.evaluated += self._tune(study, visits[index + 1] if index + 1 < len(visits) else None)
-                result = study.result()
-                if result is not None:
-                    self.batches[visit.batch].best[visit.role] = [config for _, config in result.ranked[:3]]
+                self.warm_starts.learn(visit, study.result())
                 if self.write_tables and visit.role == self.roles[-1]:
                     self._write_settled(keep=self._kept_for_later(visit.batch))
         finally:
@@ -264,8 +253,7 @@ class TuningRun:
             self._compile_ahead(batch)  # the batch size's first study
         study = self._look_up(batch, key.role, create=True)
         if study.created:
-            study.enqueue(warm_starts(key.role, key.batch.M, key.batch.shape, self._neighbour_best(key),
-                                      self._baseline(key.batch.shape), self.settings.device.shared_memory_bytes))
+            study.enqueue(self.warm_starts.configs(key))
         # The time left is shared evenly by the studies not visited yet.
         now = time.monotonic()
         study.deadline = now + (self.deadline - now) / max(len(self.visits) - self.visits.get(key, 0), 1)
@@ -325,7 +313,7 @@ class TuningRun:
         self.next_look = time.monotonic() + SETTLED_LOOK_S
         batch = next((batch for batch in self._unwritten() if self._settled(batch)), None)
         if batch is not None:
-            self._write(batch)
+            self.write(batch)
         return batch is not None
 
     def _settled(self, batch: Batch) -> bool:
@@ -379,10 +367,10 @@ class TuningRun:
             waiting = [study for study in studies if study is None or not study.settled()]
             unsettled += [study for study in waiting if study is not None]
             if not waiting and self.write_tables:
-                self._write(batch)
+                self.write(batch)
         return unsettled
 
-    def _write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> None:
         """Choose the batch size's pairs from its settled studies and write it."""
         studies = {role: batch.studies[role].study for role in self.roles}
         batch.record = write_batch(self.settings, batch.key, self.prepare(batch.key), studies, self.context.clock)
@@ -413,26 +401,6 @@ class TuningRun:
                 return None
             batch.studies[role] = study
         return batch.studies[role]
-
-    def _neighbour_best(self, key: StudyKey) -> list[LaunchConfig]:
-        """The best configs of the nearest batch size this process has tuned this role at."""
-        sizes = sorted(self.settings.batch_sizes)
-        tuned = [M for M in sizes if key.role in self.batches[BatchKey(key.batch.shape, M)].best]
-        if not tuned:
-            return []
-        here = sizes.index(key.batch.M)
-        nearest = min(tuned, key=lambda M: (abs(sizes.index(M) - here), M))
-        return self.batches[BatchKey(key.batch.shape, nearest)].best[key.role]
-
-    def _baseline(self, shape: MoEShape):
-        if shape not in self.baselines:
-            self.baselines[shape] = None
-            if self.settings.baseline_dir is not None:
-                from ..export import find_baseline
-
-                self.baselines[shape] = find_baseline(self.settings.baseline_dir, shape.E, shape.N,
-                                                      self.settings.device.key, self.settings.dtype)
-        return self.baselines[shape]
 
     def _show_progress(self, study: RoleStudy) -> None:
         shown = self.batches[study.key.batch].shown

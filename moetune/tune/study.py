@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from ..configs import default_config
-from ..shapes import MoEShape
 from ..types import LaunchConfig, Role
 from .compile_pool import COMPILE_TIMEOUT_S, Compiler
 from .inputs import BatchBench, role_compile_request
@@ -85,22 +83,19 @@ def study_result(study) -> RoleResult | None:
     return RoleResult(unique)
 
 
+def unsettled_for_collect(study, trials: int, allow_incomplete: bool) -> str | None:
+    """Why `collect` may not write from this study yet (trials running, or short of `trials`), or None."""
+    state = study_state(study)
+    if state.in_flight:
+        return f"has {state.in_flight} trials running: wait for the workers to finish"
+    if state.counted < trials and not allow_incomplete:
+        return (f"has {state.counted} of {trials} trials: wait for the workers, or pass --allow-incomplete "
+                f"(a time budget stops studies short)")
+    return None
+
+
 def rejection_reasons(study) -> list[str]:
     return sorted({t.user_attrs["reason"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason")})
-
-
-def warm_starts(role: Role, M: int, shape: MoEShape, neighbour_best: list[LaunchConfig], baseline,
-                shared_memory_bytes: int) -> list[LaunchConfig]:
-    """Configs tried first: the previous batch size's best three, the baseline table's
-    configs at the two nearest batch sizes, and the default heuristic."""
-    warm = list(neighbour_best)
-    if baseline is not None:
-        table = baseline.gemm1 if Role(role) is Role.GEMM1 else baseline.gemm2
-        for key in sorted(table, key=lambda k: (abs(k - M), k))[:2]:
-            warm.append(LaunchConfig.from_json(table[key], "baseline config", unknown="ignore"))
-    default = default_config(M, shape.E, shape.N, shape.K, shape.topk, shared_memory_bytes=shared_memory_bytes)
-    warm.append(LaunchConfig.from_json(default))
-    return warm
 
 
 @dataclass
