@@ -21,6 +21,8 @@ from .errors import UsageError
 PRESETS_PATH = Path(__file__).with_name("presets.yaml")
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
+# The largest batch size (tokens M) a tune or a comparison takes.
+MAX_BATCH_SIZE = 65536
 
 # Hugging Face field names, in order of preference, per quantity.
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -241,7 +243,7 @@ _BATCH_SIZE_ITEM = re.compile(r"[0-9]+")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
-    """Parse "1,2,4" into sorted, unique, positive batch sizes."""
+    """Parse "1,2,4" into sorted, unique, positive batch sizes, each at most MAX_BATCH_SIZE."""
     if not text.strip():
         raise UsageError("no batch sizes given; pass a comma-separated list such as 1,2,4")
     sizes = set()
@@ -249,5 +251,7 @@ def parse_batch_sizes(text: str) -> list[int]:
         item = item.strip()
         if not _BATCH_SIZE_ITEM.fullmatch(item) or int(item) < 1:
             raise UsageError(f"bad batch size {item!r} in {text!r}: each must be a positive integer")
+        if int(item) > MAX_BATCH_SIZE:
+            raise UsageError(f"batch size {item} is above the maximum, {MAX_BATCH_SIZE}")
         sizes.add(int(item))
     return sorted(sizes)

@@ -10,6 +10,7 @@ import pytest
 from moetune.errors import UsageError
 from moetune.shapes import (
     DEFAULT_BATCH_SIZES,
+    MAX_BATCH_SIZE,
     MoEShape,
     from_hf_config,
     get_preset,
@@ -370,6 +371,12 @@ def test_parse_batch_sizes_names_the_bad_item(text, bad):
     with pytest.raises(UsageError) as info:
         parse_batch_sizes(text)
     assert f"bad batch size {bad}" in str(info.value)
+
+
+def test_parse_batch_sizes_has_a_maximum():
+    assert parse_batch_sizes(f"1,{MAX_BATCH_SIZE}") == [1, MAX_BATCH_SIZE]
+    with pytest.raises(UsageError, match=f"batch size {MAX_BATCH_SIZE + 1} is above the maximum, {MAX_BATCH_SIZE}"):
+        parse_batch_sizes(f"1,{MAX_BATCH_SIZE + 1}")
 
 
 @pytest.mark.parametrize("text", ["", "   "])

@@ -2,8 +2,10 @@
 
 Takes the arguments that name the run (shape, --dtype, --batch-sizes, --variants, --trials,
 --storage) as the workers were given them. Refuses, in one line, while a study is short of
-its trials or still has some running. The pair choice runs here, on the local GPU (or the
-interpreter without one), so every layer time in a table comes from one device.
+its trials or still has some running, and where the storage holds no studies at all. The
+pair choice runs here, on the local GPU (or the interpreter without one), so every layer
+time in a table comes from one device; an entry already written from the same studies is
+left as it is (--retime chooses its pairs again).
 """
 
 from __future__ import annotations

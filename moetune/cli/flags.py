@@ -10,9 +10,10 @@ from pathlib import Path
 
 from ..device import DeviceInfo
 from ..errors import UsageError
-from ..shapes import DEFAULT_BATCH_SIZES, parse_batch_sizes, resolve_shapes
-from ..study_storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
-from ..tables import VARIANTS
+from ..shapes import DEFAULT_BATCH_SIZES, MoEShape, parse_batch_sizes, resolve_shapes
+from ..tables import TORCH_DTYPES
+from ..tune.storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
+from ..types import Variant
 
 
 def add_shape_arguments(parser) -> None:
@@ -46,12 +47,12 @@ def shapes_and_batch_sizes(args: argparse.Namespace) -> tuple[list, list[int]]:
 
 
 def baseline_folder(text: str | None) -> Path | None:
-    """--baseline-configs: a folder of vLLM/SGLang files, or None."""
+    """--baseline-configs: a folder of vLLM/SGLang files or a packaged baseline's name, or None."""
     if not text:
         return None
-    if not Path(text).is_dir():
-        raise UsageError(f"--baseline-configs {text!r} is not a folder")
-    return Path(text)
+    from ..export import baseline_folder_for
+
+    return baseline_folder_for(text)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +70,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"how often a process records that its trials are alive; a trial silent for "
                              f"{GRACE_BEATS} intervals is failed and retried (default {DEFAULT_HEARTBEAT_S}; "
                              f"the same on every host)")
+    parser.add_argument("--retime", action="store_true",
+                        help="choose the layer pairs again of batch sizes already written (by default a batch "
+                             "size whose studies are complete and whose table entry is written is left as it is)")
 
 
 def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
@@ -92,23 +96,53 @@ def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> s
 
 
 def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
-    """Refuse an output folder that cannot be written, before anything is written: a file is
-    created and removed in the nearest folder that exists (os.access says yes to root even
-    where the kernel refuses, as in /proc). The error names the command's `flag`."""
+    """Refuse an output folder that cannot be written, before anything is written: create
+    and remove a file there (or, where the folder does not exist yet, a folder in its nearest
+    existing parent), since os.access says yes to root where the file system says no
+    (/proc). The error names the command's `flag`."""
+    path = Path(path)
     probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
     try:
-        handle, name = tempfile.mkstemp(prefix=".moetune-probe-", dir=probe)
-        os.close(handle)
-        os.unlink(name)
+        if probe == path:
+            fd, name = tempfile.mkstemp(prefix=".moetune-probe-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".moetune-probe-", dir=probe))
     except OSError as error:
-        raise UsageError(f"{flag} {str(path)!r} is not writable (creating a file in {str(probe)!r} failed: "
-                         f"{error.strerror or error})") from None
+        raise UsageError(f"{flag} {str(path)!r} is not writable: {error.strerror or error}") from None
+
+
+def check_memory(shapes: list[MoEShape], batch_sizes: list[int], dtype: str, device: DeviceInfo,
+                 processes: int = 1) -> None:
+    """Refuse sizes whose weights and buffers cannot fit the memory the kernels run in: the
+    GPU's, or in Triton's interpreter the host's, which its `processes` share. Asks CUDA for
+    the GPU's memory: call it after any process is forked."""
+    from ..tune.inputs import memory_needed
+
+    if device.is_gpu:
+        import torch
+
+        available = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        where, each = f"the {device.name} has {_gib(available)}", 1
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where, each = f"this machine has {_gib(available)} (the interpreter runs on the CPU)", processes
+    for shape in shapes:
+        weights, inputs = memory_needed(shape, batch_sizes, TORCH_DTYPES[dtype].itemsize)
+        if (weights + inputs) * each > available:
+            per_process = f" in each of {each} processes" if each > 1 else ""
+            raise UsageError(f"{shape.describe()} with batch sizes up to {max(batch_sizes)}: the tune needs at least "
+                             f"{_gib(weights + inputs)} (weights {_gib(weights)} + inputs and buffers {_gib(inputs)})"
+                             f"{per_process} but {where}")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3g} GiB"
 
 
 def check_storage(url: str) -> None:
@@ -138,9 +172,9 @@ def check_storage(url: str) -> None:
         raise UsageError(f"--storage {url!r} is unreachable: {first}") from None
 
 
-def parse_variants(text: str) -> list[str]:
+def parse_variants(text: str) -> list[Variant]:
     variants = [item.strip() for item in text.split(",") if item.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if not variants or bad:
+    names = [variant.value for variant in Variant]
+    if not variants or any(v not in names for v in variants):
         raise UsageError(f"--variants {text!r}: use unfused, fused or unfused,fused")
-    return [v for v in VARIANTS if v in variants]
+    return [variant for variant in Variant if variant.value in variants]

@@ -15,10 +15,14 @@ import torch
 
 from ..device import fork_is_safe, gpu_count, interpreter_enabled, local_device
 from ..errors import UsageError
-from ..space import load_space
-from ..workers import device_of, parse_devices, visible_device
-from .flags import (add_run_arguments, baseline_folder, check_out_dir, check_storage, parse_variants, resolve_dtype,
-                    resolve_gpu, shapes_and_batch_sizes)
+from ..types import Variant
+from ..tune.space import load_space
+from ..tune.workers import device_of, parse_devices, visible_device
+from .flags import (add_run_arguments, baseline_folder, check_memory, check_out_dir, check_storage, parse_variants,
+                    resolve_dtype, resolve_gpu, shapes_and_batch_sizes)
+
+# More compile processes than this per GPU only queue for the cores.
+MAX_COMPILE_WORKERS = 256
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_settings(args: argparse.Namespace):
-    """(settings, devices): devices is None without --devices."""
+    """(settings, devices): devices is None without --devices. Checks every input, and asks
+    CUDA about the GPUs: call it after any process is forked."""
     from ..tune import TuneSettings
 
     shapes, batch_sizes = shapes_and_batch_sizes(args)
@@ -59,12 +64,14 @@ def build_settings(args: argparse.Namespace):
         check_storage(args.storage)
     baseline = baseline_folder(args.baseline_configs)
     space = load_space(args.space)
-    dtype = resolve_dtype(args.dtype, device, atomics="fused" in variants)
+    dtype = resolve_dtype(args.dtype, device, atomics=Variant.FUSED in variants)
+    check_memory(shapes, batch_sizes, dtype, device, processes=len(devices or [0]))
     workers = compile_workers(args.compile_workers, len(devices or [0]))
     settings = TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
                             trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
                             storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
                             compile_workers=workers, progress=not args.no_progress, heartbeat_s=args.heartbeat,
+                            retime=args.retime,
                             # The interpreter's timings mean nothing: keep the final layer stage short.
                             top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
     return settings, devices
@@ -73,8 +80,8 @@ def build_settings(args: argparse.Namespace):
 def compile_workers(requested: int | None, gpus: int) -> int:
     """--compile-workers, or its default for `gpus` GPUs sharing this machine's cores."""
     workers = requested if requested is not None else default_compile_workers(os.cpu_count() or 1, gpus)
-    if workers < 0:
-        raise UsageError(f"--compile-workers must be >= 0, got {workers}")
+    if not 0 <= workers <= MAX_COMPILE_WORKERS:
+        raise UsageError(f"--compile-workers must be between 0 and {MAX_COMPILE_WORKERS}, got {workers}")
     return workers
 
 
@@ -95,7 +102,7 @@ def use_gpu(settings, index: int | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..workers import ForkedWorkers
+    from ..tune.workers import ForkedWorkers
 
     # Several GPUs: start their workers before this process touches one (see ForkedWorkers),
     # each with its compile processes.
@@ -132,7 +139,7 @@ def _early_compile_workers(args: argparse.Namespace, gpus: int) -> int:
 
 def _early_compiler(args: argparse.Namespace):
     """The tuner's compiler, started before the settings are checked (which touches CUDA)."""
-    from ..tune import compiler_for
+    from ..tune.compile_pool import compiler_for
 
     return compiler_for(_early_compile_workers(args, 1), _has_gpu())
 
@@ -153,7 +160,7 @@ def _run(args: argparse.Namespace, forked, compiler) -> int:
     if args.worker:
         print("worker: runs trials only and writes no table (`moetune collect` writes them)")
     if devices is not None and len(devices) > 1:
-        from ..workers import run_workers
+        from ..tune.workers import run_workers
 
         if run_workers(settings, devices, first_writes=not args.worker, forked=forked) or args.worker:
             return 0  # the first worker wrote the tables and said so
@@ -166,7 +173,7 @@ def _run(args: argparse.Namespace, forked, compiler) -> int:
     else:
         use_gpu(settings, devices[0] if devices else None)
         if args.worker:
-            from ..tune import worker_salt
+            from ..tune.settings import worker_salt
 
             tune(replace(settings, sampler_salt=worker_salt()), write_tables=False, compiler=compiler)
             return 0

@@ -8,15 +8,14 @@ import math
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import yaml
 
-from .configs import CONFIG_KEYS, shared_memory_estimate, value_problem
-from .errors import UsageError
+from ..errors import UsageError
+from ..types import CONFIG_KEYS, ConfigError, Gemm, LaunchConfig, value_problem
 
 DEFAULT_SPACE_FILE = "space.yaml"
-ROLES = ("gemm1", "gemm2")
 DTYPE_BYTES = (1, 2, 4)  # fp8, bf16/fp16, fp32
 
 # A BLOCK_SIZE_M of 16 is the smallest MMA row count, so it is never padding-bound.
@@ -26,20 +25,17 @@ BLOCK_M_ROWS_FACTOR = 4
 # Smallest per-warp MMA output tile (mma.sync m16n8); warps beyond the tile count replicate work.
 MMA_TILE_M = 16
 MMA_TILE_N = 8
-# fp32 accumulator registers per thread above which ptxas spills (255 registers in all) and
-# compiles for minutes: 128x256 with 8 warps, the largest tile vLLM/SGLang ship, needs 128.
-MAX_ACCUMULATOR_REGISTERS = 128
 
-# Reason categories, in the order the rules are checked.
+# Why a config is pruned, one category per rule, in the order the rules are checked.
 PRUNED_SHARED_MEMORY = "shared_memory"
+PRUNED_REGISTERS = "accumulator_registers"
 PRUNED_BLOCK_M = "block_m_over_rows"
 PRUNED_TILE = "tile_over_problem"
 PRUNED_WARPS = "warps_over_tile"
-PRUNED_REGISTERS = "accumulator_registers"
 PRUNED_GROUP = "group_size_duplicate"
 KEPT = "kept"
-SUMMARY_KEYS = (PRUNED_SHARED_MEMORY, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS, PRUNED_REGISTERS, PRUNED_GROUP,
-                KEPT)
+PRUNING_CATEGORIES = (PRUNED_SHARED_MEMORY, PRUNED_REGISTERS, PRUNED_BLOCK_M, PRUNED_TILE, PRUNED_WARPS,
+                      PRUNED_GROUP, KEPT)
 
 
 def next_pow2(value: int) -> int:
@@ -84,7 +80,7 @@ def _read_choices(text: str, source: str) -> dict[str, tuple[int, ...]]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UsageError(f"{source}: not valid YAML: {error}") from None
+        raise UsageError(f"{source}: not valid YAML{_yaml_place(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -93,6 +89,14 @@ def _read_choices(text: str, source: str) -> dict[str, tuple[int, ...]]:
     if unknown:
         raise UsageError(f"{source}: {unknown[0]}: unknown key, expected some of {', '.join(CONFIG_KEYS)}")
     return {key: _check_choices(key, raw, source) for key, raw in data.items()}
+
+
+def _yaml_place(error: yaml.YAMLError) -> str:
+    """Where and why YAML failed, in one line (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or ""
+    return f"{where}: {problem}" if problem else where
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,16 +118,17 @@ def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
     try:
         with open(source, encoding="utf-8") as handle:
             text = handle.read()
-    except OSError as error:
-        raise UsageError(f"{source}: cannot read the search space: {error.strerror}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise UsageError(f"{source}: cannot read the search space: {reason}") from None
     return SearchSpace({**base.values, **_read_choices(text, source)})
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One GEMM role at one batch size."""
+    """One of the layer's two GEMMs at one batch size."""
 
-    role: str  # "gemm1" | "gemm2"
+    gemm: Gemm
     M: int  # tokens
     E: int  # experts
     topk: int  # experts per token
@@ -132,8 +137,7 @@ class Problem:
     dtype_bytes: int  # bytes per element of the operands
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise UsageError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        object.__setattr__(self, "gemm", _gemm(self.gemm))
         for name in ("M", "E", "topk", "n_out", "k_in"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -144,13 +148,11 @@ class Problem:
             raise UsageError(f"dtype_bytes must be one of {DTYPE_BYTES}, got {self.dtype_bytes!r}")
 
     @classmethod
-    def for_role(cls, role: str, M: int, E: int, N: int, K: int, topk: int, dtype_bytes: int) -> Problem:
-        # gemm1: hidden [.., K] -> gate/up [.., 2N]; gemm2: activation [.., N] -> hidden [.., K].
-        if role == "gemm1":
-            return cls(role, M, E, topk, n_out=2 * N, k_in=K, dtype_bytes=dtype_bytes)
-        if role == "gemm2":
-            return cls(role, M, E, topk, n_out=K, k_in=N, dtype_bytes=dtype_bytes)
-        raise UsageError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    def for_gemm(cls, gemm: Gemm | str, M: int, E: int, N: int, K: int, topk: int, dtype_bytes: int) -> Problem:
+        # GEMM 1: hidden [.., K] -> gate/up [.., 2N]; GEMM 2: activation [.., N] -> hidden [.., K].
+        if _gemm(gemm) is Gemm.GEMM1:
+            return cls(Gemm.GEMM1, M, E, topk, n_out=2 * N, k_in=K, dtype_bytes=dtype_bytes)
+        return cls(Gemm.GEMM2, M, E, topk, n_out=K, k_in=N, dtype_bytes=dtype_bytes)
 
     @property
     def rows(self) -> int:
@@ -167,73 +169,118 @@ class Problem:
         return -(-padded_rows // block_m)
 
 
-def _first_failed_rule(
-    config: Mapping[str, int], problem: Problem, smem_limit: int, space: SearchSpace
-) -> tuple[str, str] | None:
-    bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    group, warps = config["GROUP_SIZE_M"], config["num_warps"]
+def _gemm(value: Any) -> Gemm:
+    try:
+        return Gemm(value)
+    except ValueError:
+        raise UsageError(f"gemm must be one of {', '.join(g.value for g in Gemm)}, got {value!r}") from None
 
-    # The kernel would not launch: it asks for more shared memory than a block may have.
-    smem = shared_memory_estimate(config, problem.dtype_bytes)
-    if smem > smem_limit:
-        return PRUNED_SHARED_MEMORY, f"shared memory {smem} B > limit {smem_limit} B"
 
+# -- the rules: each returns why it prunes, or None ----------------------------------------------
+# Rules that look at one or two keys are checked while the configs are built (see candidates),
+# so the grid's pruned corners are never built at all.
+
+def _block_m_rule(bm: int, problem: Problem, space: SearchSpace) -> str | None:
     # Rows are padded per expert to BLOCK_SIZE_M, so a block far above the mean rows is mostly padding.
     max_bm = max(ALWAYS_ALLOWED_BLOCK_M, space.smallest("BLOCK_SIZE_M"),
                  BLOCK_M_ROWS_FACTOR * next_pow2(problem.rows_per_expert))
     if bm > max_bm:
-        return PRUNED_BLOCK_M, f"BLOCK_SIZE_M {bm} > {max_bm} for ~{problem.rows_per_expert} rows per expert"
+        return f"BLOCK_SIZE_M {bm} > {max_bm} for ~{problem.rows_per_expert} rows per expert"
+    return None
 
+
+def _tile_n_rule(bn: int, problem: Problem, space: SearchSpace) -> str | None:
     # A tile of next_pow2(dim) already covers the whole dim; wider tiles only add masked lanes.
     max_bn = max(space.smallest("BLOCK_SIZE_N"), next_pow2(problem.n_out))
-    if bn > max_bn:
-        return PRUNED_TILE, f"BLOCK_SIZE_N {bn} > {max_bn} for n_out {problem.n_out}"
-    max_bk = max(space.smallest("BLOCK_SIZE_K"), next_pow2(problem.k_in))
-    if bk > max_bk:
-        return PRUNED_TILE, f"BLOCK_SIZE_K {bk} > {max_bk} for k_in {problem.k_in}"
+    return f"BLOCK_SIZE_N {bn} > {max_bn} for n_out {problem.n_out}" if bn > max_bn else None
 
+
+def _tile_k_rule(bk: int, problem: Problem, space: SearchSpace) -> str | None:
+    max_bk = max(space.smallest("BLOCK_SIZE_K"), next_pow2(problem.k_in))
+    return f"BLOCK_SIZE_K {bk} > {max_bk} for k_in {problem.k_in}" if bk > max_bk else None
+
+
+def _warps_rule(bm: int, bn: int, warps: int, space: SearchSpace) -> str | None:
     # Warps beyond the tile's count of 16x8 MMA tiles hold replicated accumulators and do no new work.
     mma_tiles = (bm // MMA_TILE_M) * (bn // MMA_TILE_N)
     if warps > mma_tiles and warps > space.smallest("num_warps"):
-        return PRUNED_WARPS, f"num_warps {warps} > {mma_tiles} MMA tiles of {bm}x{bn}"
+        return f"num_warps {warps} > {mma_tiles} MMA tiles of {bm}x{bn}"
+    return None
 
-    # The fp32 accumulator alone would take most of a thread's registers: spills, slow compiles.
-    accumulator = bm * bn // (32 * warps)
-    if accumulator > MAX_ACCUMULATOR_REGISTERS:
-        return PRUNED_REGISTERS, f"{bm}x{bn} tile on {warps} warps needs {accumulator} accumulator registers per thread"
 
+def _group_rule(bm: int, group: int, problem: Problem, space: SearchSpace) -> str | None:
     # Every GROUP_SIZE_M >= the row-block count maps programs to tiles identically, so only the
     # smallest such value in the space is kept; larger ones are duplicates of it.
     m_blocks = problem.num_m_blocks(bm)
     covering = [value for value in space.values["GROUP_SIZE_M"] if m_blocks <= value < group]
     if covering:
-        return PRUNED_GROUP, f"GROUP_SIZE_M {group} duplicates {covering[0]} with {m_blocks} row blocks"
+        return f"GROUP_SIZE_M {group} duplicates {covering[0]} with {m_blocks} row blocks"
     return None
 
 
-def prune_reason(
-    config: Mapping[str, int], problem: Problem, smem_limit: int, space: SearchSpace | None = None
-) -> str | None:
+def _first_failed_rule(config: LaunchConfig, problem: Problem, smem_limit: int,
+                       space: SearchSpace) -> tuple[str, str] | None:
+    # The kernel would not launch (shared memory), or ptxas would spill (registers): the
+    # rules the dispatcher validates tables with too.
+    unfit = config.fit_problem(problem.dtype_bytes, smem_limit)
+    if unfit is not None:
+        smem = config.shared_memory_bytes(problem.dtype_bytes) > smem_limit
+        return (PRUNED_SHARED_MEMORY if smem else PRUNED_REGISTERS), unfit
+    rules = (
+        (PRUNED_BLOCK_M, _block_m_rule(config.block_m, problem, space)),
+        (PRUNED_TILE, _tile_n_rule(config.block_n, problem, space) or _tile_k_rule(config.block_k, problem, space)),
+        (PRUNED_WARPS, _warps_rule(config.block_m, config.block_n, config.num_warps, space)),
+        (PRUNED_GROUP, _group_rule(config.block_m, config.group_m, problem, space)),
+    )
+    for category, reason in rules:
+        if reason is not None:
+            return category, reason
+    return None
+
+
+def prune_reason(config: LaunchConfig, problem: Problem, smem_limit: int,
+                 space: SearchSpace | None = None) -> str | None:
     """None to keep the config, else a short reason. Rules that keep the space's smallest value use `space`
     (the default space when None)."""
     failed = _first_failed_rule(config, problem, smem_limit, space if space is not None else default_space())
     return None if failed is None else failed[1]
 
 
-def iter_configs(space: SearchSpace) -> Iterator[dict[str, int]]:
+def iter_configs(space: SearchSpace) -> Iterator[LaunchConfig]:
     """Every config of the space, in a fixed order (CONFIG_KEYS, values ascending)."""
     for combo in itertools.product(*(space.values[key] for key in CONFIG_KEYS)):
-        yield dict(zip(CONFIG_KEYS, combo))
+        yield LaunchConfig(*combo)
 
 
-def candidates(space: SearchSpace, problem: Problem, smem_limit: int) -> list[dict[str, int]]:
+def candidates(space: SearchSpace, problem: Problem, smem_limit: int) -> list[LaunchConfig]:
     """All configs of the space that survive pruning, in iter_configs order."""
-    return [config for config in iter_configs(space) if _first_failed_rule(config, problem, smem_limit, space) is None]
+    v = space.values
+    kept = []
+    for bm in v["BLOCK_SIZE_M"]:
+        if _block_m_rule(bm, problem, space):
+            continue
+        for bn in v["BLOCK_SIZE_N"]:
+            if _tile_n_rule(bn, problem, space):
+                continue
+            for bk in v["BLOCK_SIZE_K"]:
+                if _tile_k_rule(bk, problem, space):
+                    continue
+                for group in v["GROUP_SIZE_M"]:
+                    if _group_rule(bm, group, problem, space):
+                        continue
+                    for warps in v["num_warps"]:
+                        if _warps_rule(bm, bn, warps, space):
+                            continue
+                        for stages in v["num_stages"]:
+                            config = LaunchConfig(bm, bn, bk, group, warps, stages)
+                            if config.fit_problem(problem.dtype_bytes, smem_limit) is None:
+                                kept.append(config)
+    return kept
 
 
 def pruning_summary(space: SearchSpace, problem: Problem, smem_limit: int) -> dict[str, int]:
     """Configs per first failed rule, plus "kept"; the counts add up to space.size()."""
-    counts = dict.fromkeys(SUMMARY_KEYS, 0)
+    counts = dict.fromkeys(PRUNING_CATEGORIES, 0)
     for config in iter_configs(space):
         failed = _first_failed_rule(config, problem, smem_limit, space)
         counts[KEPT if failed is None else failed[0]] += 1
@@ -245,3 +292,11 @@ def optuna_distributions(space: SearchSpace) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution
 
     return {key: CategoricalDistribution(list(choices)) for key, choices in space.values.items()}
+
+
+def config_of(params: dict) -> LaunchConfig:
+    """The config of an Optuna trial's parameters (the one place the tuner reads them)."""
+    try:
+        return LaunchConfig.from_json({key: int(params[key]) for key in CONFIG_KEYS}, "trial parameters")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"trial parameters {params!r} are no launch config: {error}") from None

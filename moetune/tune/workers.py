@@ -1,7 +1,7 @@
 """`moetune run --devices 0,1,...`: one tuning process per GPU, sharing the studies.
 
 Each process sees only its own GPU (CUDA_VISIBLE_DEVICES) and runs the tuner, coordinated
-through the storage (see tune.py), in a walk order of its own (walk.py). The first listed
+through the storage (see run.py), in a walk order of its own (walk.py). The first listed
 GPU's process also chooses the pairs and writes the tables, each batch size once its studies
 settle, in moments its GPU waits for compiles, so the layer times in a table all come from
 one device and that timing overlaps the other GPUs' trials. The others run trials only.
@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from .device import DeviceInfo, forked_after_cuda, interpreter_enabled, local_device
-from .errors import UsageError
+from ..device import DeviceInfo, forked_after_cuda, gpu_count, interpreter_enabled, local_device
+from ..errors import UsageError
 
 # How long the parent lets interrupted workers end their trials before stopping them.
 STOP_GRACE_S = 30.0
@@ -45,10 +45,11 @@ def parse_devices(text: str) -> list[int]:
 
 
 def device_of(devices: list[int]) -> DeviceInfo:
-    """The GPU model of `devices`: every listed GPU must exist and be of one model."""
-    if not torch.cuda.is_available() or interpreter_enabled():
+    """The GPU model of `devices`: every listed GPU must exist and be of one model. Asks
+    CUDA for the GPUs' names: call it after the workers are forked."""
+    count = gpu_count()
+    if count == 0 or interpreter_enabled():
         return local_device()  # interpreter processes: nothing to check
-    count = torch.cuda.device_count()
     for index in devices:
         if index >= count:
             raise UsageError(f"--devices: there is no GPU {index} (this machine has {count})")
@@ -91,7 +92,8 @@ def _only_gpu(index: int | None):
 def _work(settings, write_tables: bool, compiler=None) -> None:
     """A worker process: tune, writing the tables only if it is the writer (with `compiler`,
     compile processes started earlier, else its own)."""
-    from .tune import tune, worker_salt
+    from .run import tune
+    from .settings import worker_salt
 
     settings = replace(settings, sampler_salt=worker_salt())
     label = settings.label
@@ -112,7 +114,7 @@ def _work(settings, write_tables: bool, compiler=None) -> None:
 def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: bool) -> None:
     """A forked worker: start its compile processes, wait for its settings (None: the run
     was refused), then tune."""
-    from .tune import compiler_for
+    from .compile_pool import compiler_for
 
     # OpenMP's threads do not survive a fork: a parallel CPU op would wait for them forever
     # if the parent ran one before forking. The tuner's CPU ops are small; one thread it is.
@@ -122,7 +124,7 @@ def _wait_for_work(connection, visible: str | None, compile_workers: int, gpu: b
     # They set up while the parent checks the run's settings.
     compiler = compiler_for(compile_workers, gpu) if not forked_after_cuda() else None
     if compiler is not None and gpu:
-        _set_cuda_up()
+        set_cuda_up()
     try:
         job = _receive(connection)
         if job is None:
@@ -151,7 +153,7 @@ def _receive(connection):
         connection.close()
 
 
-def _set_cuda_up() -> None:
+def set_cuda_up() -> None:
     """Initialize CUDA now, its compile processes forked, while the parent checks the run
     (and initializes CUDA itself): the tuner needs it first thing. A failure is left to the
     tuner, which meets it again and reports it."""

@@ -1,0 +1,195 @@
+"""One batch size's layer choice and its table entry.
+
+Per variant, the best few GEMM 1 configs are paired with the best few GEMM 2 configs of that
+variant, whole layers (alignment included) are timed, the top few re-timed in interleaved
+rounds, and the fastest pair that passes the correctness check is kept. The entry is merged
+into the shape's table, written atomically, and marked on the batch size's GEMM 1 study with
+what it was chosen from, so that a rerun finding the same studies and the same entry leaves
+the table as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from ..bench import interleaved_times
+from ..errors import TableError
+from ..shapes import MoEShape
+from ..tables import merge_tables, new_table, read_table, write_table
+from ..types import Gemm, LaunchConfig, Role, Variant
+from .inputs import BatchBench
+from .sampler import sampler_description
+from .settings import BatchKey, Clock, TuneSettings
+from .study import RoleResult, rejection_reasons, study_result
+
+# GEMM 1 study user attribute: the entry written for its batch size and a digest of the
+# measured configs it was chosen from.
+WRITTEN_ATTR = "table_entry"
+
+
+@dataclass(frozen=True)
+class Layer:
+    variant: Variant
+    gemm1: LaunchConfig
+    gemm2: LaunchConfig
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    gemm1: LaunchConfig
+    gemm2: LaunchConfig
+    gemm1_us: float
+    gemm2_us: float
+    layer_us: float
+    rel_error: float
+
+    def record(self) -> dict:
+        return {Gemm.GEMM1.value: self.gemm1.to_json(), Gemm.GEMM2.value: self.gemm2.to_json(),
+                "gemm1_us": self.gemm1_us, "gemm2_us": self.gemm2_us, "layer_us": self.layer_us}
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    pairs: dict[Variant, PairChoice]
+
+    @property
+    def winner(self) -> Variant:
+        return min(self.pairs, key=lambda variant: self.pairs[variant].layer_us)
+
+    def record(self) -> dict:
+        """The batch size's entry in a table (tables.py's schema)."""
+        return {**{variant.value: pair.record() for variant, pair in self.pairs.items()}, "winner": self.winner.value}
+
+
+def interleaved_medians(bench: BatchBench, layers: list[Layer], rounds: int, clock: Clock) -> list[float]:
+    """Median layer time of each layer, timed in interleaved rounds: each round times every
+    layer once, so drift between rounds hits all of them alike."""
+    timings = [functools.partial(bench.time_layer, layer.variant, layer.gemm1, layer.gemm2) for layer in layers]
+    with clock.busy():
+        times = interleaved_times(timings, rounds)
+    return [statistics.median(t) for t in times]
+
+
+def choose_pair(bench: BatchBench, variant: Variant, gemm1: RoleResult, gemm2: RoleResult, settings: TuneSettings,
+                clock: Clock) -> PairChoice:
+    """Best (GEMM 1, GEMM 2) pair of one variant by whole-layer time, alignment included:
+    every pair of the best few of each role once, then the best few again in rounds."""
+    pairs = [Layer(variant, c1, c2) for _, c1 in gemm1.ranked[:settings.top_pairs]
+             for _, c2 in gemm2.ranked[:settings.top_pairs]]
+    first = interleaved_medians(bench, pairs, 1, clock)
+    finalists = [pair for _, pair in sorted(zip(first, pairs), key=lambda item: item[0])][:settings.top_pairs]
+    medians = interleaved_medians(bench, finalists, settings.retime_rounds, clock)
+    for layer_us, layer in sorted(zip(medians, finalists), key=lambda item: item[0]):
+        with clock.busy():
+            error = bench.check_layer(variant, layer.gemm1, layer.gemm2)
+        if error <= bench.tolerance:
+            t1 = next(t for t, c in gemm1.ranked if c == layer.gemm1)
+            t2 = next(t for t, c in gemm2.ranked if c == layer.gemm2)
+            return PairChoice(layer.gemm1, layer.gemm2, t1, t2, layer_us, error)
+    raise RuntimeError(f"no {variant} pair passed the correctness check at M={bench.M}")
+
+
+def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: TuneSettings,
+                clock: Clock) -> BatchEntry:
+    """The table entry of one batch size, from the results of its roles' settled studies."""
+    pairs = {variant: choose_pair(bench, variant, results[Role.GEMM1], results[Role.down(variant)], settings, clock)
+             for variant in settings.variants}
+    if len(pairs) > 1:
+        # At large batches the variants are often closer than the spread of one timing: time
+        # their chosen pairs against each other before naming the winner.
+        layers = [Layer(variant, pair.gemm1, pair.gemm2) for variant, pair in pairs.items()]
+        for layer, layer_us in zip(layers, interleaved_medians(bench, layers, settings.retime_rounds, clock)):
+            pairs[layer.variant] = replace(pairs[layer.variant], layer_us=layer_us)
+    return BatchEntry(pairs)
+
+
+def role_results(key: BatchKey, studies: dict[Role, object]) -> dict[Role, RoleResult]:
+    """What each role's study measured; raises when one has no config that passed."""
+    results = {}
+    for role, study in studies.items():
+        results[role] = study_result(study)
+        if results[role] is None:
+            raise RuntimeError(f"no config of {role} at M={key.M} compiled, ran and passed the check; "
+                               f"reasons: {'; '.join(rejection_reasons(study))[:400]}")
+    return results
+
+
+def search_record(settings: TuneSettings) -> dict:
+    return {"sampler": sampler_description(), "trials": settings.trials, "seed": settings.seed,
+            "time_budget_min": settings.time_budget_min, "space": settings.space.to_dict()}
+
+
+def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, record: dict) -> None:
+    """Merge one batch size's entry into the shape's table, written atomically."""
+    table = new_table(settings.device, shape.E, shape.N, shape.K, shape.topk, settings.dtype, search_record(settings))
+    table["batch_sizes"] = {M: record}
+    if path.exists():
+        table = merge_tables(read_table(path), table)
+    write_table(path, table)
+
+
+def write_batch(settings: TuneSettings, key: BatchKey, bench: BatchBench, studies: dict[Role, object],
+                clock: Clock) -> dict:
+    """Choose one batch size's pairs from its settled studies, write them into its table and
+    mark them written; returns the entry's record."""
+    results = role_results(key, studies)
+    record = batch_entry(bench, results, settings, clock).record()
+    write_entry(settings.table_path(key.shape), settings, key.shape, key.M, record)
+    digests = {role.value: digest for role, digest in _digests(results).items()}
+    studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record})
+    return record
+
+
+def written_record(settings: TuneSettings, key: BatchKey, studies: dict[Role, object]) -> dict | None:
+    """The batch size's entry in its table, if it is the one written from what these
+    studies hold now (nothing measured since) and holds every variant asked for; None when
+    the pairs must be chosen (again), and always under --retime."""
+    if settings.retime or Role.GEMM1 not in studies:
+        return None
+    mark = studies[Role.GEMM1].user_attrs.get(WRITTEN_ATTR)
+    path = settings.table_path(key.shape)
+    if not isinstance(mark, dict) or not path.is_file():
+        return None
+    try:
+        record = read_table(path)["batch_sizes"].get(key.M)
+    except TableError:
+        return None  # rewritten with the entry, or refused there by name
+    if record is None or _canonical(record) != _canonical(mark.get("record")):
+        return None
+    if any(variant.value not in record for variant in settings.variants):
+        return None
+    results = {role: study_result(study) for role, study in studies.items()}
+    if any(result is None for result in results.values()):
+        return None
+    written_from = mark.get("results")
+    if not isinstance(written_from, dict) or any(written_from.get(role.value) != digest
+                                                 for role, digest in _digests(results).items()):
+        return None
+    return record
+
+
+def _canonical(data) -> str:
+    return json.dumps(data, sort_keys=True)
+
+
+def _digests(results: dict[Role, RoleResult]) -> dict[Role, str]:
+    """A digest of each role's measured configs and times."""
+    return {role: hashlib.sha256(_canonical([(us, config.to_json()) for us, config in result.ranked]).encode())
+            .hexdigest() for role, result in results.items()}
+
+
+def print_summary(shape: MoEShape, rows: list[tuple[int, dict]], log: Callable[[str], None]) -> None:
+    """The layer times of each batch size's entry, per variant, and the winner."""
+    log(f"\n{shape.describe()}")
+    log(f"{'batch':>7s} {'unfused us':>11s} {'fused us':>10s} {'speedup':>8s}  winner")
+    for M, record in rows:
+        u = record.get(Variant.UNFUSED.value, {}).get("layer_us")
+        f = record.get(Variant.FUSED.value, {}).get("layer_us")
+        speed = f"{u / f:8.3f}" if u and f else f"{'-':>8s}"
+        log(f"{M:7d} {u if u else float('nan'):11.1f} {f if f else float('nan'):10.1f} {speed}  {record['winner']}")

@@ -1,0 +1,314 @@
+"""One batch size of one shape, ready to check and time launch configs; what it compiles.
+
+The tuner measures three roles per batch size (types.Role):
+  gemm1          GEMM 1 alone (shared by both variants),
+  gemm2_unfused  GEMM 2 storing [M, topk, K] + the top-k sum, timed together,
+  gemm2_fused    zeroing out + GEMM 2 adding atomically into it, timed together,
+and then whole layers (alignment included) for the pairs it keeps. Every candidate runs in
+a whole layer against the float64 reference (computed once per batch size) before its time
+counts; the roles it does not tune run with the default config there.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..bench import adaptive_time_us, make_layer_inputs, make_weights, wall_time_us
+from ..configs import default_config
+from ..device import torch_device
+from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
+from ..kernels.align import AlignedTokens
+from ..kernels.grouped_gemm import GemmGeometry
+from ..kernels.launch import compile_only
+from ..layer import align_for, run_aligned
+from ..reference import TOLERANCE, moe_reference, relative_error
+from ..shapes import MoEShape
+from ..types import LaunchConfig, Role, Variant
+
+# Once this many configs of a role are measured, one slower than CUTOFF_FACTOR times the best
+# gets only its rough time: it cannot win, and a precise time of a slow config costs the most.
+CUTOFF_AFTER = 3
+CUTOFF_FACTOR = 2.0
+
+
+class RoleOperands(NamedTuple):
+    a: torch.Tensor
+    weights: torch.Tensor
+    out: torch.Tensor
+    topk_weights: torch.Tensor | None  # GEMM 2 multiplies by the router weight
+    a_rows_per_slot: int
+    atomic_add: bool
+
+
+class CompileRequest(NamedTuple):
+    """Arguments of kernels.compile_grouped_gemm besides the config; picklable."""
+    dtype: torch.dtype
+    geometry: GemmGeometry
+    topk: int
+    a_rows_per_slot: int
+    mul_routed_weight: bool
+    atomic_add: bool
+
+
+def role_compile_request(role: Role, M: int, shape: MoEShape, dtype: torch.dtype, block_size_m: int) -> CompileRequest:
+    """What compile_grouped_gemm needs to build the binary a role runs with that
+    BLOCK_SIZE_M, from the sizes alone: a tuner can start compiling before it has built the
+    batch size's inputs. The operands, on the meta device (shapes and strides, no memory),
+    are laid out as BatchBench's:
+      gemm1   x [M, K] @ w1 [E, 2N, K] -> gate_up [M*topk, 2N]
+      gemm2   activation [M*topk, N] @ w2 [E, K, N] -> down [M*topk, K], or out [M, K] atomically
+    """
+    role = Role(role)
+    E, N, K, topk = shape.E, shape.N, shape.K, shape.topk
+    meta = functools.partial(torch.empty, dtype=dtype, device="meta")
+    rows = M * topk
+    atomic_add = role is Role.GEMM2_FUSED
+    if role is Role.GEMM1:
+        a, weights, out = meta(M, K), meta(E, 2 * N, K), meta(rows, 2 * N)
+    else:
+        a, weights, out = meta(rows, N), meta(E, K, N), meta(M, K) if atomic_add else meta(rows, K)
+    geometry = gemm_geometry(a, weights, out, max_padded_rows(rows, E, block_size_m), topk, atomic_add)
+    # GEMM 1 reads each token's row for all its top-k slots; GEMM 2 weighs by the router weight.
+    gemm1 = role is Role.GEMM1
+    return CompileRequest(dtype, geometry, topk, topk if gemm1 else 1, not gemm1, atomic_add)
+
+
+class HelperRequest(NamedTuple):
+    """The kernels the checks launch at one batch size besides the GEMMs: the alignment at
+    `block_size_m`, or with None the activation and the top-k sum; picklable."""
+    M: int
+    E: int
+    N: int
+    K: int
+    topk: int
+    dtype: torch.dtype
+    block_size_m: int | None
+
+
+def helper_requests(M: int, shape: MoEShape, dtype: torch.dtype, block_sizes_m) -> list[HelperRequest]:
+    """One request per alignment, then the rest: each can compile in a process of its own."""
+    sizes = (M, shape.E, shape.N, shape.K, shape.topk, dtype)
+    return [HelperRequest(*sizes, block_size_m) for block_size_m in block_sizes_m] + [HelperRequest(*sizes, None)]
+
+
+def compile_helpers(request: HelperRequest) -> list:
+    """Compile, without launching, what BatchBench launches besides the GEMMs: the same
+    launchers, called on meta tensors laid out as BatchBench's (see kernels/launch.py).
+    Returns Triton's compiled kernels."""
+    r = request
+    meta = functools.partial(torch.empty, device="meta")
+    topk_ids = meta(r.M, r.topk, dtype=torch.int32)
+    with compile_only() as compiled:
+        if r.block_size_m is not None:
+            align_tokens(topk_ids, r.E, r.block_size_m)
+        else:
+            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype))
+            topk_sum(meta(r.M, r.topk, r.K, dtype=r.dtype), topk_ids, r.E, meta(r.M, r.K, dtype=r.dtype))
+    return compiled
+
+
+@dataclass
+class BatchBench:
+    """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    M: int
+    topk: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.E, two_n, self.K = self.w1.shape
+        self.N = two_n // 2
+        self.on_gpu = self.w1.device.type == "cuda"
+        # Separately seeded routings: one to time on, one to check against the reference.
+        self.timed = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed)
+        self.checked = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed + 1_000_003)
+        c = self.checked
+        self.reference = moe_reference(c.x, c.w1, c.w2, c.topk_weights, c.topk_ids)
+        self.default = LaunchConfig.from_json(default_config(self.M, self.E, self.N, self.K, self.topk))
+        rows = self.M * self.topk
+        device, dtype = self.w1.device, self.w1.dtype
+        self.gate_up = torch.empty(rows, 2 * self.N, dtype=dtype, device=device)
+        # GEMM 2's input, shaped like an activation's values; computed by torch, so that
+        # building the inputs launches no kernel of ours (those may still be compiling).
+        gate, up = torch.randn(rows, 2 * self.N, device=device).chunk(2, dim=1)
+        self.activation = (torch.nn.functional.silu(gate) * up).to(dtype)
+        self.down = torch.empty(self.M, self.topk, self.K, dtype=dtype, device=device)
+        self.out = torch.empty(self.M, self.K, dtype=dtype, device=device)
+        self.alignments: dict[int, AlignedTokens] = {}  # BLOCK_SIZE_M -> the timed routing, aligned
+        self.kernels_loaded = False
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.w1.dtype]
+
+    def synchronize(self) -> None:
+        """Wait for the device: after a failed launch, before the next one."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
+
+    def load_kernels(self, block_sizes_m) -> None:
+        """Compile (or load from Triton's cache) and launch once what the checks run besides
+        the candidate: the alignment at each BLOCK_SIZE_M, the activation, the top-k sum and
+        the default configs of the roles not tuned. A failure here is left to the trial that
+        meets it, which reports it with its config."""
+        self.kernels_loaded = True
+        try:
+            for block_size_m in block_sizes_m:
+                self.aligned(block_size_m)
+            self.check_layer(Variant.UNFUSED, self.default, self.default)
+        except Exception:  # noqa: BLE001 - see above
+            self.synchronize()
+
+    def aligned(self, block_size_m: int) -> AlignedTokens:
+        """The timed routing aligned to `block_size_m`, computed once."""
+        if block_size_m not in self.alignments:
+            self.alignments[block_size_m] = align_tokens(self.timed.topk_ids, self.E, block_size_m)
+        return self.alignments[block_size_m]
+
+    # -- one role: its operands decide both what runs and what other processes compile --------
+    def _operands(self, role: Role) -> RoleOperands:
+        t = self.timed
+        if role is Role.GEMM1:
+            return RoleOperands(t.x, self.w1, self.gate_up, None, self.topk, False)
+        if role is Role.GEMM2_UNFUSED:
+            return RoleOperands(self.activation, self.w2, self.down.view(-1, self.K), t.topk_weights, 1, False)
+        return RoleOperands(self.activation, self.w2, self.out, t.topk_weights, 1, True)
+
+    def compile_request(self, role: Role, block_size_m: int) -> CompileRequest:
+        """What compile_grouped_gemm needs to build, in another process, the binary this role
+        runs with that BLOCK_SIZE_M."""
+        shape = MoEShape(self.E, self.N, self.K, self.topk)
+        return role_compile_request(role, self.M, shape, self.w1.dtype, block_size_m)
+
+    def role_call(self, role: Role, config: LaunchConfig):
+        role = Role(role)
+        aligned = self.aligned(config.block_m)
+        ops = self._operands(role)
+        launch = config.to_json()
+
+        def gemm():
+            grouped_gemm(ops.a, ops.weights, ops.out, aligned, launch, topk=self.topk,
+                         a_rows_per_slot=ops.a_rows_per_slot, topk_weights=ops.topk_weights,
+                         atomic_add=ops.atomic_add)
+
+        if role is Role.GEMM1:
+            return gemm
+        if role is Role.GEMM2_UNFUSED:
+            def unfused():
+                gemm()
+                topk_sum(self.down, self.timed.topk_ids, self.E, self.out)
+            return unfused
+
+        def fused():
+            self.out.zero_()
+            gemm()
+        return fused
+
+    def time_role(self, role: Role, config: LaunchConfig, cutoff_us: float | None = None) -> tuple[float, bool]:
+        """(µs, precise?) of one role; see bench.adaptive_time_us for the cutoff."""
+        return self._time(self.role_call(role, config), cutoff_us)
+
+    def _time(self, fn, cutoff_us: float | None = None) -> tuple[float, bool]:
+        if self.on_gpu:
+            return adaptive_time_us(fn, cutoff_us=cutoff_us)
+        return wall_time_us(fn, repeats=1), True
+
+    def check_and_time_role(self, role: Role, config: LaunchConfig,
+                            measured_us: list[float]) -> tuple[float, float | None, bool]:
+        """(relative error, µs or None when wrong, precise?) of `config` in `role`: checked
+        first, then timed with the cutoff that the role's `measured_us` so far allow."""
+        error = self.check_role(role, config)
+        if not error <= self.tolerance:
+            return error, None, False
+        cutoff = CUTOFF_FACTOR * min(measured_us) if len(measured_us) >= CUTOFF_AFTER else None
+        value, precise = self.time_role(role, config, cutoff)
+        return error, value, precise
+
+    def check_role(self, role: Role, config: LaunchConfig) -> float:
+        """Relative error of the whole layer with `config` in this role, defaults elsewhere."""
+        role = Role(role)
+        if role is Role.GEMM1:
+            return self.check_layer(Variant.UNFUSED, config, self.default)
+        return self.check_layer(role.variant, self.default, config)
+
+    # -- whole layer -------------------------------------------------------------------------
+    def layer_call(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig, inputs=None):
+        t = inputs or self.timed
+        launch1, launch2 = gemm1.to_json(), gemm2.to_json()
+
+        def layer():
+            a1, a2 = align_for(t.topk_ids, self.E, launch1, launch2)
+            return run_aligned(t.x, self.w1, self.w2, t.topk_weights, t.topk_ids, a1, a2, launch1, launch2,
+                               variant=Variant(variant).value, out=self.out)
+        return layer
+
+    def time_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
+        return self._time(self.layer_call(variant, gemm1, gemm2))[0]
+
+    def check_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
+        self.out.fill_(float("nan"))  # an element the kernels skip stays NaN and fails the check
+        out = self.layer_call(variant, gemm1, gemm2, self.checked)()
+        return relative_error(out, self.reference)
+
+
+class InputCache:
+    """The weights of one shape and the inputs of its last three batch sizes, built on demand:
+    building a batch size computes its float64 reference. Three: a study's last trials, the
+    next study's first (asked ahead) and, in the table writer, the layer choice of a batch
+    size another process tuned can take turns."""
+
+    KEEP = 3
+
+    def __init__(self, dtype: torch.dtype, seed: int):
+        self.dtype, self.seed = dtype, seed
+        self.device = torch_device()
+        self.shape: MoEShape | None = None
+        self.weights = None
+        self.benches: dict[int, BatchBench] = {}  # M -> inputs, least recently used first
+
+    def holds(self, shape: MoEShape, M: int) -> bool:
+        return self.shape == shape and M in self.benches
+
+    def drop(self, shape: MoEShape, M: int) -> None:
+        if self.holds(shape, M):
+            del self.benches[M]
+
+    def get(self, shape: MoEShape, M: int) -> BatchBench:
+        if self.shape != shape:
+            self.benches.clear()
+            self.weights = None  # free the previous shape's first
+            generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            self.weights = make_weights(shape.E, shape.N, shape.K, self.dtype, self.device, generator)
+            self.shape = shape
+        bench = self.benches.pop(M, None)
+        if bench is None:
+            while len(self.benches) >= self.KEEP:
+                del self.benches[next(iter(self.benches))]  # free before allocating the next
+            w1, w2 = self.weights
+            bench = BatchBench(w1, w2, M, shape.topk, seed=self.seed * 7919 + M)
+        self.benches[M] = bench
+        return bench
+
+
+def memory_needed(shape: MoEShape, batch_sizes: list[int], dtype_bytes: int) -> tuple[int, int]:
+    """(weights, inputs): bytes that tuning `shape` holds at once at the least. The expert
+    weights; the inputs, buffers and float64 input and output of the reference of the
+    InputCache.KEEP largest batch sizes, which the cache holds together; and the layer's own
+    buffers while it runs at the largest."""
+    E, N, K, topk = shape.E, shape.N, shape.K, shape.topk
+    weights = 3 * E * N * K * dtype_bytes
+
+    def held(M: int) -> int:
+        rows = M * topk
+        buffers = dtype_bytes * (3 * M * K + rows * (2 * N + N + K))  # two inputs, gate_up, activation, down, out
+        return buffers + 4 * rows * 2 * N + 8 * 2 * M * K  # the activation's fp32 draw; the reference's ends
+
+    largest = sorted(batch_sizes)[-InputCache.KEEP:]
+    layer = dtype_bytes * largest[-1] * topk * (3 * N + K)  # run_aligned's intermediates
+    return weights, sum(held(M) for M in largest) + layer

@@ -1,0 +1,123 @@
+"""What a tune is asked to do, the keys of its batch sizes and studies, and its device clock."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..device import DeviceInfo
+from ..shapes import MoEShape
+from ..tables import TORCH_DTYPES, table_path
+from ..types import Role, Variant
+from .space import SearchSpace
+from .storage import DEFAULT_HEARTBEAT_S, default_journal
+
+
+@dataclass
+class TuneSettings:
+    shapes: list[MoEShape]
+    dtype: str
+    batch_sizes: list[int]
+    variants: list[Variant]
+    trials: int
+    out_dir: Path
+    device: DeviceInfo
+    space: SearchSpace
+    seed: int = 0
+    storage: str | None = None
+    time_budget_min: float | None = None
+    baseline_dir: Path | None = None
+    compile_workers: int = 0
+    top_pairs: int = 3
+    retime_rounds: int = 3
+    # Choose the layer pairs again of batch sizes whose table entries are written already.
+    retime: bool = False
+    progress: bool = True
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    # Added to the samplers' seeds: processes sharing studies must not propose the same configs.
+    sampler_salt: int = 0
+    label: str = ""  # names this process in its log lines when several run at once
+    bar_position: int | None = None
+    # This process's place among the processes of one host sharing the studies (walk.py).
+    walk_slot: int = 0
+    walk_count: int = 1
+
+    def __post_init__(self) -> None:
+        wanted = {Variant(v) for v in self.variants}
+        self.variants = [v for v in Variant if v in wanted]  # in the tables' order
+
+    @property
+    def roles(self) -> list[Role]:
+        return Role.for_variants(self.variants)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def storage_location(self) -> str:
+        """The --storage URL or journal file, else a journal file beside the tables."""
+        return self.storage or str(default_journal(self.out_dir, self.device.key))
+
+    def table_path(self, shape: MoEShape) -> Path:
+        return table_path(self.out_dir, self.device.key, shape.E, shape.N, shape.K, shape.topk, self.dtype)
+
+    def batches(self) -> list[BatchKey]:
+        """Every batch size of every shape: shapes in order, batch sizes ascending."""
+        return [BatchKey(shape, M) for shape in self.shapes for M in sorted(self.batch_sizes)]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """One batch size of one shape: a table entry, tuned by one study per role."""
+
+    shape: MoEShape
+    M: int
+
+    def study(self, role: Role) -> StudyKey:
+        return StudyKey(self, Role(role))
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    batch: BatchKey
+    role: Role
+
+    def suffix(self, dtype: str) -> str:
+        """The study's name but the device: what names a study of this run on any device."""
+        s = self.batch.shape
+        return f"E={s.E},N={s.N},K={s.K},topk={s.topk}/{dtype}/{self.role}/M={self.batch.M}"
+
+    def name(self, device: DeviceInfo, dtype: str) -> str:
+        return f"{device.key}/{self.suffix(dtype)}"
+
+
+def worker_salt() -> int:
+    """A sampler seed offset of its own for each process of a shared run."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
+@dataclass
+class Clock:
+    """How long the device was busy checking and timing, of the wall time since `start`."""
+
+    start: float = field(default_factory=time.monotonic)
+    device_s: float = 0.0
+
+    @contextmanager
+    def busy(self):
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.device_s += time.monotonic() - began
+
+    def busy_fraction(self) -> float:
+        wall = time.monotonic() - self.start
+        return self.device_s / wall if wall > 0 else 0.0

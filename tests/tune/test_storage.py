@@ -1,0 +1,55 @@
+"""The studies' storages: a trial whose process stops beating is failed and retried, once, by
+Optuna's RDBStorage and by JournalHeartbeat on a journal file."""
+
+import time
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage, RDBStorage
+
+from moetune.tune.storage import GRACE_BEATS, TrialHeartbeat, ask, open_storage, storage_exists
+
+
+def test_a_trial_whose_heartbeat_stops_is_failed_and_retried_once(tmp_path):
+    distributions = {"x": optuna.distributions.IntDistribution(0, 100)}
+    runs = []
+    for location in (str(tmp_path / "s.journal"), f"sqlite:///{tmp_path / 's.db'}"):
+        storage = open_storage(location, heartbeat_s=1)
+        study = optuna.create_study(storage=storage.storage, study_name="s")
+        heartbeat = TrialHeartbeat(storage)
+        alive, dead = ask(study, distributions), ask(study, distributions)
+        heartbeat.track(storage.trial_id(study, alive.number))
+        heartbeat.track(storage.trial_id(study, dead.number))
+        heartbeat.untrack(storage.trial_id(study, dead.number))  # as if its process were killed
+        runs.append((storage, study, heartbeat, alive, dead))
+    time.sleep(GRACE_BEATS + 0.5)  # past the grace period of both (3 beats of 1 s)
+    for storage, study, heartbeat, alive, dead in runs:
+        try:
+            storage.fail_stale_trials(study)
+            storage.fail_stale_trials(study)  # a second look retries nothing more
+        finally:
+            heartbeat.close()
+        trials = {t.number: t for t in study.trials}
+        assert trials[alive.number].state.name == "RUNNING", storage.where
+        assert trials[dead.number].state.name == "FAIL", storage.where
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert len(retry) == 1 and retry[0].state.name == "WAITING", storage.where
+        assert retry[0].params == trials[dead.number].params
+
+
+def test_optuna_s_journal_storage_still_has_no_heartbeats_of_its_own():
+    """JournalHeartbeat adds what RDBStorage has; once Optuna's journal has it too, use that."""
+    assert hasattr(RDBStorage, "record_heartbeat")
+    assert not hasattr(JournalStorage, "record_heartbeat")
+    assert "heartbeat_interval" not in JournalStorage.__init__.__code__.co_varnames
+
+
+@pytest.mark.parametrize("location, exists", [
+    ("{tmp}/none.journal", False),
+    ("{tmp}/a.journal", True),
+    ("sqlite:///{tmp}/none.db", False),
+    ("postgresql://tuner@host/studies", True),  # a server: asked when opened
+])
+def test_a_storage_that_does_not_exist_yet_is_told_apart(tmp_path, location, exists):
+    (tmp_path / "a.journal").write_text("")
+    assert storage_exists(location.replace("{tmp}", str(tmp_path))) == exists
