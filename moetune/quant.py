@@ -37,6 +37,13 @@ def check_block_shape(block_shape: Sequence[int] | None, what: str = "block_shap
     return int(block_shape[0]), int(block_shape[1])
 
 
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 as an IEEE division: torch divides a CUDA tensor by a Python number as a
+    multiplication by its reciprocal, one ulp off now and then, which the kernels' div_rn
+    (and torch on the CPU) are not."""
+    return (amax / amax.new_full((), FP8_MAX)).clamp_min(MIN_SCALE)
+
+
 def _fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (values / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
@@ -55,7 +62,7 @@ def quantize_weights(weights: torch.Tensor, block_shape: Sequence[int] | None = 
     block = check_block_shape(block_shape)
     w = weights.float()
     if block is None:
-        scale = (w.abs().amax(dim=(1, 2)) / FP8_MAX).clamp_min(MIN_SCALE)
+        scale = _scale_of(w.abs().amax(dim=(1, 2)))
         return _fp8(w, scale[:, None, None]), scale
     experts, rows, cols = w.shape
     block_n, block_k = block
@@ -64,7 +71,7 @@ def quantize_weights(weights: torch.Tensor, block_shape: Sequence[int] | None = 
     padded = w.new_zeros(experts, row_blocks * block_n, col_blocks * block_k)
     padded[:, :rows, :cols] = w
     blocks = padded.view(experts, row_blocks, block_n, col_blocks, block_k)
-    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp_min(MIN_SCALE)
+    scale = _scale_of(blocks.abs().amax(dim=(2, 4)))
     quantized = _fp8(blocks, scale[:, :, None, :, None]).view_as(padded)[:, :rows, :cols].contiguous()
     return quantized, scale
 
@@ -90,14 +97,14 @@ def quantize_activations(x: torch.Tensor, group_size: int | None = None) -> tupl
         raise ValueError(f"activations must be [M, K], got shape {tuple(x.shape)}")
     values = x.float()
     if group_size is None:
-        scale = (values.abs().amax() / FP8_MAX).clamp_min(MIN_SCALE).reshape(1)
+        scale = _scale_of(values.abs().amax()).reshape(1)
         return _fp8(values, scale), scale
     tokens, cols = values.shape
     groups = -(-cols // group_size)
     padded = values.new_zeros(tokens, groups * group_size)
     padded[:, :cols] = values
     grouped = padded.view(tokens, groups, group_size)
-    scale = (grouped.abs().amax(dim=2) / FP8_MAX).clamp_min(MIN_SCALE)
+    scale = _scale_of(grouped.abs().amax(dim=2))
     quantized = _fp8(grouped, scale[:, :, None]).view(tokens, -1)[:, :cols].contiguous()
     return quantized, scale
 
