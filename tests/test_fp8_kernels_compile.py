@@ -15,13 +15,13 @@ COMPILE_FOR_HOPPER = """
 import functools, re
 import torch
 from triton.runtime import driver
-from moetune import tune
+from moetune.tune.compile_pool import compile_only_driver
 from moetune.kernels import (LiveRows, compile_grouped_gemm, gemm_geometry, max_padded_rows, quantize_per_tensor,
                              quantize_per_token_group, silu_and_mul_fp8)
 from moetune.kernels.grouped_gemm import Fp8Scales, GemmSwitches
 from moetune.kernels.launch import compile_only
 
-driver.set_active(tune.compile_only_driver((9, 0)))
+driver.set_active(compile_only_driver((9, 0)))
 meta = functools.partial(torch.empty, device="meta")
 fp8, f32 = torch.float8_e4m3fn, torch.float32
 M, E, N, K, topk = 64, 8, 256, 512, 2

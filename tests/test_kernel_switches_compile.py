@@ -13,11 +13,11 @@ COMPILE_FOR_HOPPER = """
 import functools
 import torch
 from triton.runtime import driver
-from moetune import tune
+from moetune.tune.compile_pool import compile_only_driver
 from moetune.kernels import compile_grouped_gemm, gemm_geometry, max_padded_rows
 from moetune.kernels.grouped_gemm import GemmSwitches
 
-driver.set_active(tune.compile_only_driver((9, 0)))
+driver.set_active(compile_only_driver((9, 0)))
 meta = functools.partial(torch.empty, device="meta", dtype=torch.bfloat16)
 M, E, N, K, topk = 64, 8, 256, 512, 2
 capacity = max_padded_rows(M * topk, E, 64)
