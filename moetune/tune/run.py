@@ -174,6 +174,11 @@ class TuningRun:
         self.bar = None
 
     def close(self) -> None:
+        """End the trials asked here and not told (the run was interrupted, or asked ahead for
+        a study it did not reach), so that no other process waits for them; then the rest."""
+        for batch in self.batches.values():
+            for study in batch.studies.values():
+                study.abandon()
         if self.bar is not None:
             self.bar.close()
         self.context.heartbeat.close()
@@ -204,19 +209,14 @@ class TuningRun:
         self.visits = {visit: index for index, visit in enumerate(visits)}
         self.bar = tqdm(total=len(visits) * s.trials, unit="trial", disable=not s.progress, dynamic_ncols=True,
                         position=s.bar_position)
-        try:
-            for index, visit in enumerate(visits):
-                self.bar.set_description(f"{s.label} {visit.batch.shape.name or 'custom'} "
-                                         f"M={visit.batch.M} {visit.role}".strip())
-                study = self._visit(visit)
-                self.evaluated += self._tune(study, visits[index + 1] if index + 1 < len(visits) else None)
-                self.warm_starts.learn(visit, study.result())
-                if self.write_tables and visit.role == self.roles[-1]:
-                    self._write_settled(keep=self._kept_for_later(visit.batch))
-        finally:
-            for batch in self.batches.values():
-                for study in batch.studies.values():
-                    study.abandon()  # trials asked ahead for a study the walk did not reach
+        for index, visit in enumerate(visits):
+            self.bar.set_description(f"{s.label} {visit.batch.shape.name or 'custom'} "
+                                     f"M={visit.batch.M} {visit.role}".strip())
+            study = self._visit(visit)
+            self.evaluated += self._tune(study, visits[index + 1] if index + 1 < len(visits) else None)
+            self.warm_starts.learn(visit, study.result())
+            if self.write_tables and visit.role == self.roles[-1]:
+                self._write_settled(keep=self._kept_for_later(visit.batch))
 
     def _tune(self, study: RoleStudy, following: StudyKey | None) -> int:
         """Ask and evaluate until the study has given out its budget and nothing asked here

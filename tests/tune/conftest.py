@@ -9,6 +9,7 @@ from concurrent.futures import Future
 import optuna
 import pytest
 
+import moetune.tune.run as run_module
 from moetune.tune import Compiler
 from moetune.tune.inputs import BatchBench, role_compile_request
 from moetune.tune.storage import database_url
@@ -37,6 +38,17 @@ def replace_timings(patch) -> None:
 @pytest.fixture
 def made_up_timings(monkeypatch):
     replace_timings(monkeypatch)
+
+
+def record_walk(patch) -> list:
+    """("trial", role, M) for each trial evaluated and ("write", M) for each batch size written."""
+    events = []
+    real_check, real_write = BatchBench.check_and_time_role, run_module.write_batch
+    patch.setattr(BatchBench, "check_and_time_role",
+                  lambda self, role, *rest: events.append(("trial", role, self.M)) or real_check(self, role, *rest))
+    patch.setattr(run_module, "write_batch",
+                  lambda settings, key, *rest: events.append(("write", key.M)) or real_write(settings, key, *rest))
+    return events
 
 
 def studies_in(location: str) -> dict[str, list]:

@@ -49,11 +49,6 @@ def test_loading_a_batch_size_s_kernels_aligns_at_every_block_size_and_runs_the_
     assert bench.kernels_loaded
 
 
-def test_every_role_of_a_right_config_passes_the_check(bench):
-    for role in Role:
-        assert bench.check_role(role, CONFIG) <= bench.tolerance, role
-
-
 def test_the_memory_a_tune_holds_grows_with_the_weights_and_the_largest_batch_sizes():
     shape = MoEShape(E=8, N=14336, K=4096, topk=2)
     weights, inputs = memory_needed(shape, [1, 16], dtype_bytes=2)

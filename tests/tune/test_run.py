@@ -22,7 +22,7 @@ from moetune.tables import read_table
 from moetune.tune import tune
 from moetune.tune.inputs import BatchBench
 from moetune.types import Role
-from tests.tune.conftest import (JOURNAL, QUIET, TABLE, TINY, measured_configs, replace_timings,
+from tests.tune.conftest import (JOURNAL, QUIET, TABLE, TINY, measured_configs, record_walk, replace_timings,
                                  studies_in)
 
 ENV = dict(os.environ, TRITON_INTERPRET="1")
@@ -39,13 +39,14 @@ def run_cli(*args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """One tune of two batch sizes and both variants, shared by the tests that read or rerun it
-    (each on a copy): (its out-dir, what it printed)."""
+    (each on a copy): (its out-dir, what it printed, its record_walk events)."""
     out_dir = tmp_path_factory.mktemp("tuned")
     with pytest.MonkeyPatch.context() as patch:
         replace_timings(patch)
+        events = record_walk(patch)
         code, output = run_cli(*TINY, "--batch-sizes", "1,8", "--trials", "2", "--out-dir", str(out_dir))
     assert code == 0, output
-    return out_dir, output
+    return out_dir, output, events
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def tuned_copy(tuned, tmp_path):
 
 
 def test_a_tune_writes_a_valid_table_and_says_what_it_found(tuned):
-    out_dir, output = tuned
+    out_dir, output, _ = tuned
     table = read_table(out_dir / "cpu" / TABLE)  # validates the schema
     assert sorted(table["batch_sizes"]) == [1, 8]
     for entry in table["batch_sizes"].values():
@@ -70,6 +71,13 @@ def test_a_tune_writes_a_valid_table_and_says_what_it_found(tuned):
     assert len(studies) == 2 * 3  # (batch size) x (gemm1, gemm2_unfused, gemm2_fused)
     for trials in studies.values():
         assert len(measured_configs(trials)) == 2
+
+
+def test_alone_the_walk_ascends_and_leaves_the_batch_size_just_tuned_for_the_next_one_s_idle_moments(tuned):
+    """Alone, M=1 is written only after M=8's trials (in whose idle moments it would have
+    been, had there been compile processes to wait for)."""
+    trials = [("trial", role, M) for M in (1, 8) for role in Role for _ in range(2)]
+    assert tuned[2] == [*trials, ("write", 1), ("write", 8)]
 
 
 def test_a_rerun_with_nothing_left_to_do_does_nothing(tuned_copy, monkeypatch):

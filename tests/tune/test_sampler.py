@@ -8,8 +8,8 @@ from moetune.tune.space import Problem, SearchSpace, config_of, iter_configs, op
 from moetune.types import Gemm
 
 SPACE = SearchSpace({"BLOCK_SIZE_M": (16, 32, 64), "BLOCK_SIZE_N": (32, 64, 128), "BLOCK_SIZE_K": (32, 64),
-                     "GROUP_SIZE_M": (1, 4), "num_warps": (2, 4), "num_stages": (2, 3)})
-# One token on 4 experts: the rules keep a fraction of the 144 configs.
+                     "GROUP_SIZE_M": (1, 4), "num_warps": (2, 4), "num_stages": (2,)})
+# One token on 4 experts: the rules keep 16 of the 72 configs.
 PROBLEM = Problem(Gemm.GEMM1, M=1, E=4, topk=2, n_out=64, k_in=64, dtype_bytes=2)
 SMEM = 232448
 
@@ -36,10 +36,10 @@ def kept() -> list:
 
 
 def test_the_rules_keep_some_but_not_all_of_the_space():
-    assert 8 < len(kept()) < SPACE.size() / 2
+    assert len(kept()) == 16 and SPACE.size() == 72
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_every_kept_config_is_proposed_once_before_anything_else(seed):
     asked, _ = ask_and_measure(lambda candidates: study_sampler(SPACE, candidates, seed), asks=len(kept()))
     assert set(asked) == set(kept())  # each kept config, none twice, nothing pruned

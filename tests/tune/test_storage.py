@@ -22,7 +22,7 @@ def test_a_trial_whose_heartbeat_stops_is_failed_and_retried_once(tmp_path):
         heartbeat.track(storage.trial_id(study, dead.number))
         heartbeat.untrack(storage.trial_id(study, dead.number))  # as if its process were killed
         runs.append((storage, study, heartbeat, alive, dead))
-    time.sleep(GRACE_BEATS + 0.5)  # past the grace period of both (3 beats of 1 s)
+    time.sleep(GRACE_BEATS + 1.5)  # past the grace period of both (3 beats of 1 s; SQLite keeps whole seconds)
     for storage, study, heartbeat, alive, dead in runs:
         try:
             storage.fail_stale_trials(study)

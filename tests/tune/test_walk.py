@@ -6,15 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-import moetune.tune.run as run_module
 from moetune.cli import build_parser
 from moetune.cli.run import build_settings
 from moetune.tables import read_table
 from moetune.tune import tune
-from moetune.tune.inputs import BatchBench
 from moetune.tune.walk import walk_order
 from moetune.types import Role
-from tests.tune.conftest import QUIET, TABLE, TINY, replace_timings
+from tests.tune.conftest import QUIET, TABLE, TINY, record_walk, replace_timings
 
 SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
 
@@ -79,19 +77,12 @@ def settled_by_a_worker(tmp_path_factory):
 
 
 @pytest.fixture
-def record_walk(monkeypatch, made_up_timings) -> list:
-    """("trial", role, M) for each trial evaluated and ("write", M) for each batch size written."""
-    events = []
-    real_check, real_write = BatchBench.check_and_time_role, run_module.write_batch
-    monkeypatch.setattr(BatchBench, "check_and_time_role",
-                        lambda self, role, *rest: events.append(("trial", role, self.M)) or real_check(self, role, *rest))
-    monkeypatch.setattr(run_module, "write_batch",
-                        lambda settings, key, *rest: events.append(("write", key.M)) or real_write(settings, key, *rest))
-    return events
+def walk_events(monkeypatch, made_up_timings) -> list:
+    return record_walk(monkeypatch)
 
 
 def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_them(settled_by_a_worker, tmp_path,
-                                                                                    record_walk):
+                                                                                    walk_events):
     """A worker settled M=1; the writer, walking down from M=8, writes M=1 as soon as its own
     M=8 is done, before it goes on to M=4 (and it never visits M=1). Its own M=8 it writes
     at once too: with other GPUs' workers, a write put off is one left for the end."""
@@ -99,25 +90,17 @@ def test_the_writer_writes_batch_sizes_others_settled_before_its_walk_reaches_th
     writer = settings_of("--batch-sizes", "1,4,8", "--out-dir", str(tmp_path / "tables"))
     writer = replace(writer, walk_slot=0, walk_count=2)  # the first of two: walks down from M=8
     written = tune(writer, log=lambda line: None)
-    assert record_walk == [("trial", G1, 8), ("trial", G2, 8), ("write", 1), ("write", 8),
+    assert walk_events == [("trial", G1, 8), ("trial", G2, 8), ("write", 1), ("write", 8),
                            ("trial", G1, 4), ("trial", G2, 4), ("write", 4)]
     assert written == [tmp_path / "tables" / "cpu" / TABLE]
     assert sorted(read_table(written[0])["batch_sizes"]) == [1, 4, 8]
 
 
-def test_alone_the_walk_leaves_the_batch_size_just_tuned_for_the_next_one_s_idle_moments(tmp_path, record_walk):
-    """Alone, M=1 is written only after M=8's trials (in whose idle moments it would have
-    been, had there been compile processes to wait for)."""
-    tune(settings_of("--batch-sizes", "1,8", "--out-dir", str(tmp_path)), log=lambda line: None)
-    assert record_walk == [("trial", G1, 1), ("trial", G2, 1), ("trial", G1, 8), ("trial", G2, 8),
-                           ("write", 1), ("write", 8)]
-
-
 def test_in_its_idle_moments_the_writer_writes_a_batch_size_others_settled(settled_by_a_worker, tmp_path,
-                                                                            record_walk, held_compiler):
+                                                                            walk_events, held_compiler):
     shutil.copytree(settled_by_a_worker, tmp_path / "tables")
     writer = settings_of("--batch-sizes", "1,8", "--out-dir", str(tmp_path / "tables"))
     # M=8's trials compile until the writer waits for them.
     tune(writer, log=lambda line: None, compiler=held_compiler(2, writer))
-    assert record_walk.index(("write", 1)) < record_walk.index(("trial", G1, 8))
+    assert walk_events.index(("write", 1)) < walk_events.index(("trial", G1, 8))
     assert sorted(read_table(tmp_path / "tables" / "cpu" / TABLE)["batch_sizes"]) == [1, 8]

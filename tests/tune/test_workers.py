@@ -25,7 +25,7 @@ from moetune.tune.study import is_held
 from tests.tune.conftest import JOURNAL, QUIET, TABLE, TINY, counted, studies_in
 
 ROLES = ("gemm1", "gemm2_unfused")
-RUN = [*TINY, "--batch-sizes", "1,8", "--trials", "2", "--variants", "unfused", *QUIET]
+RUN = [*TINY, "--batch-sizes", "1,8", "--trials", "1", "--variants", "unfused", *QUIET]
 
 
 def check_shared_studies(studies: dict[str, list], trials: int, workers: int, batch_sizes: int = 2) -> set[int]:
@@ -75,7 +75,7 @@ def test_two_devices_share_the_studies_and_the_first_writes_the_table(tmp_path, 
     assert f"[cpu worker 0] wrote {tmp_path / 'cpu' / TABLE}" in out
     assert "[cpu worker 1] wrote" not in out and "did not finish" not in out
     studies = studies_in(str(tmp_path / "cpu" / JOURNAL))
-    pids = check_shared_studies(studies, trials=2, workers=2)
+    pids = check_shared_studies(studies, trials=1, workers=2)
     assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials; the parent none
     # Each started at its own end of the batch sizes (walk.py): the writer at the largest.
     first = {}
@@ -154,45 +154,55 @@ def test_workers_share_postgres_and_collect_writes_the_table(tmp_path, capsys, m
     assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.e2e
-def test_a_killed_worker_does_not_stall_the_other(tmp_path, made_up_timings):
-    journal = str(tmp_path / "studies.journal")
-    # Heartbeats every second: a silent trial is stale after 3 s.
-    victim = start_worker(tmp_path, journal, "--heartbeat", "1")
-    survivor = start_worker(tmp_path, journal, "--heartbeat", "1")
+def kill_mid_trial(journal: str, device: str, killed: list) -> None:
+    """Stop the worker of `device` while it holds a trial, then kill it; `killed` gets the
+    (study, trial number) it left RUNNING."""
     deadline = time.monotonic() + 60
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if not os.path.exists(journal):
+            continue
 
-    def held_by_victim() -> list[tuple[str, int]]:
-        return [(name, t.number) for name, trials in studies_in(journal).items() for t in trials
-                if is_held(t) and t.user_attrs["worker"]["pid"] == victim.pid]
+        def held() -> list:
+            return [(name, t.number, t.user_attrs["worker"]["pid"]) for name, trials in studies_in(journal).items()
+                    for t in trials if is_held(t) and t.user_attrs["worker"]["device"] == device]
 
-    left_running = []
-    while not left_running and time.monotonic() < deadline and victim.poll() is None:
-        time.sleep(0.1)
-        if os.path.exists(journal) and held_by_victim():
-            victim.send_signal(signal.SIGSTOP)  # hold it still: is it still mid-trial?
-            left_running = held_by_victim()
-            if not left_running:
-                victim.send_signal(signal.SIGCONT)
-    assert left_running, "the victim never held a trial while running"
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
+        if held():
+            pid = held()[0][2]
+            os.kill(pid, signal.SIGSTOP)  # hold it still: is it still mid-trial?
+            left = held()
+            if left:
+                killed.extend((name, number) for name, number, _ in left)
+                os.kill(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGCONT)
 
-    finish(survivor, timeout=90)
+
+def test_a_killed_worker_does_not_stall_the_others(tmp_path, monkeypatch, capfd, single_threaded, made_up_timings):
+    """Its RUNNING trial is failed once its heartbeat stops and its config queued again, once;
+    every study still meets its budget and the writer writes the table."""
+    journal = str(tmp_path / "cpu" / JOURNAL)
+    killed = []
+    killer = threading.Thread(target=kill_mid_trial, args=(journal, "cpu worker 1", killed))
+    real_start = workers.ForkedWorkers.start
+    # Once the workers are forked (another thread alive, nothing forks).
+    monkeypatch.setattr(workers.ForkedWorkers, "start", lambda self, jobs: killer.start() or real_start(self, jobs))
+    # Heartbeats every second: a silent trial is stale after 3 s.
+    run = [*TINY, "--batch-sizes", "1,8", "--trials", "3", "--variants", "unfused", "--heartbeat", "1", *QUIET]
+    assert main(["run", *run, "--devices", "0,1", "--out-dir", str(tmp_path)]) == 0
+    killer.join()
+    assert killed, "the victim never held a trial while running"
+    assert "cpu worker 1: worker exited with code -9" in capfd.readouterr().out
     studies = studies_in(journal)
-    for name, number in left_running:
+    for name, number in killed:
         trial = studies[name][number]
         assert trial.state.name == "FAIL"  # its heartbeat stopped: failed as stale ...
         retried = [t for t in studies[name] if t.system_attrs.get("failed_trial") == number]
         assert len(retried) == 1  # ... and its config queued again, once
         assert retried[0].params == trial.params
         assert retried[0].state.name != "RUNNING"
-    check_shared_studies(studies, trials=3, workers=2, batch_sizes=1)
-    assert not (tmp_path / "cpu").exists()
-
-    assert main(["collect", *TINY, "--batch-sizes", "1", "--trials", "3", "--variants", "unfused",
-                 "--storage", journal, "--heartbeat", "1", "--out-dir", str(tmp_path)]) == 0
-    check_table(tmp_path / "cpu" / TABLE, batch_sizes=[1])
+    check_shared_studies(studies, trials=3, workers=2)
+    check_table(tmp_path / "cpu" / TABLE)
 
 
 @pytest.mark.e2e
