@@ -15,14 +15,13 @@ import hashlib
 import json
 import statistics
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 from ..bench import interleaved_times
 from ..errors import TableError
 from ..shapes import MoEShape
-from ..tables import merge_tables, new_table, read_table, write_table
-from ..types import Gemm, LaunchConfig, Role, Variant
+from ..tables import BatchRecord, VariantRecord, read_table, record_batch
+from ..types import LaunchConfig, Role, Variant
 from .inputs import BatchBench
 from .sampler import sampler_description
 from .settings import BatchKey, Clock, TuneSettings
@@ -49,9 +48,8 @@ class PairChoice:
     layer_us: float
     rel_error: float
 
-    def record(self) -> dict:
-        return {Gemm.GEMM1.value: self.gemm1.to_json(), Gemm.GEMM2.value: self.gemm2.to_json(),
-                "gemm1_us": self.gemm1_us, "gemm2_us": self.gemm2_us, "layer_us": self.layer_us}
+    def record(self) -> VariantRecord:
+        return VariantRecord(self.gemm1, self.gemm2, self.gemm1_us, self.gemm2_us, self.layer_us)
 
 
 @dataclass(frozen=True)
@@ -62,9 +60,9 @@ class BatchEntry:
     def winner(self) -> Variant:
         return min(self.pairs, key=lambda variant: self.pairs[variant].layer_us)
 
-    def record(self) -> dict:
-        """The batch size's entry in a table (tables.py's schema)."""
-        return {**{variant.value: pair.record() for variant, pair in self.pairs.items()}, "winner": self.winner.value}
+    def record(self) -> BatchRecord:
+        """The batch size's entry in a table (the record tables.py defines)."""
+        return BatchRecord({variant: pair.record() for variant, pair in self.pairs.items()}, self.winner)
 
 
 def interleaved_medians(bench: BatchBench, layers: list[Layer], rounds: int, clock: Clock) -> list[float]:
@@ -125,22 +123,15 @@ def search_record(settings: TuneSettings) -> dict:
             "time_budget_min": settings.time_budget_min, "space": settings.space.to_dict()}
 
 
-def write_entry(path: Path, settings: TuneSettings, shape: MoEShape, M: int, record: dict) -> None:
-    """Merge one batch size's entry into the shape's table, written atomically."""
-    table = new_table(settings.device, shape.E, shape.N, shape.K, shape.topk, settings.dtype, search_record(settings))
-    table["batch_sizes"] = {M: record}
-    if path.exists():
-        table = merge_tables(read_table(path), table)
-    write_table(path, table)
-
-
 def write_batch(settings: TuneSettings, key: BatchKey, bench: BatchBench, studies: dict[Role, object],
                 clock: Clock) -> dict:
     """Choose one batch size's pairs from its settled studies, write them into its table and
     mark them written; returns the entry's record."""
     results = role_results(key, studies)
-    record = batch_entry(bench, results, settings, clock).record()
-    write_entry(settings.table_path(key.shape), settings, key.shape, key.M, record)
+    shape = key.shape
+    record = record_batch(settings.table_path(shape), settings.device, shape.E, shape.N, shape.K, shape.topk,
+                          settings.dtype, key.M, batch_entry(bench, results, settings, clock).record(),
+                          search_record(settings)).batch_sizes[key.M].to_json()
     digests = {role.value: digest for role, digest in _digests(results).items()}
     studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record})
     return record

@@ -106,7 +106,7 @@ def compile_helpers(request: HelperRequest) -> list:
         if r.block_size_m is not None:
             align_tokens(topk_ids, r.E, r.block_size_m)
         else:
-            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype))
+            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype), num_slots=r.M * r.topk)  # as run_experts passes it
             topk_sum(meta(r.M, r.topk, r.K, dtype=r.dtype), topk_ids, r.E, meta(r.M, r.K, dtype=r.dtype))
     return compiled
 
