@@ -1,4 +1,4 @@
-"""Validation of a table's JSON form: every rule of schema version 1, in one place.
+"""Validation of a table's JSON form: every rule of the schema, in one place.
 
 Each check builds the typed record (tables.Table and the records it holds) or raises a
 TableError naming the file and the key path, e.g.

@@ -1,4 +1,4 @@
-"""The tuned-config table: one JSON file per (device, MoE shape, dtype), schema version 1.
+"""The tuned-config table: one JSON file per (device, MoE shape, dtype), schema version 2 (version 1 still reads).
 
 This module owns the table record (`Table`, `BatchRecord`, `VariantRecord`), its one
 definition: naming table files, reading them (within files.read_json's size and nesting

@@ -24,8 +24,8 @@ from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows
 from ..kernels.align import AlignedTokens
 from ..kernels.grouped_gemm import GemmGeometry
 from ..kernels.launch import compile_only
-from ..layer import align_for, run_aligned
-from ..reference import TOLERANCE, moe_reference, relative_error
+from ..measure import LayerCase, check
+from ..reference import TOLERANCE
 from ..shapes import MoEShape
 from ..types import LaunchConfig, Role, Variant
 
@@ -128,8 +128,9 @@ class BatchBench:
         # Separately seeded routings: one to time on, one to check against the reference.
         self.timed = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed)
         self.checked = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed + 1_000_003)
-        c = self.checked
-        self.reference = moe_reference(c.x, c.w1, c.w2, c.topk_weights, c.topk_ids)
+        # Whole layers are checked and timed by measure.py, as `compare` and check_gpu do.
+        self.timed_case, self.checked_case = LayerCase(self.timed), LayerCase(self.checked)
+        self.reference = self.checked_case.reference  # computed now: building a batch size holds it
         self.default = LaunchConfig.from_json(default_config(self.M, self.E, self.N, self.K, self.topk))
         rows = self.M * self.topk
         device, dtype = self.w1.device, self.w1.dtype
@@ -237,24 +238,13 @@ class BatchBench:
             return self.check_layer(Variant.UNFUSED, config, self.default)
         return self.check_layer(role.variant, self.default, config)
 
-    # -- whole layer -------------------------------------------------------------------------
-    def layer_call(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig, inputs=None):
-        t = inputs or self.timed
-        launch1, launch2 = gemm1.to_json(), gemm2.to_json()
-
-        def layer():
-            a1, a2 = align_for(t.topk_ids, self.E, launch1, launch2)
-            return run_aligned(t.x, self.w1, self.w2, t.topk_weights, t.topk_ids, a1, a2, launch1, launch2,
-                               variant=Variant(variant).value, out=self.out)
-        return layer
-
+    # -- whole layer: alignment included, since a pair whose GEMMs differ in BLOCK_SIZE_M pays for two
     def time_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
-        return self._time(self.layer_call(variant, gemm1, gemm2))[0]
+        return self._time(self.timed_case.layer(variant, gemm1, gemm2, with_alignment=True))[0]
 
     def check_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
-        self.out.fill_(float("nan"))  # an element the kernels skip stays NaN and fails the check
-        out = self.layer_call(variant, gemm1, gemm2, self.checked)()
-        return relative_error(out, self.reference)
+        """Relative error against the float64 reference (its output poisoned with NaN first)."""
+        return check(self.checked_case, self.checked_case.layer(variant, gemm1, gemm2, with_alignment=True)).error
 
 
 class InputCache:

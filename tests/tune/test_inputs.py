@@ -39,7 +39,7 @@ def test_loading_a_batch_size_s_kernels_aligns_at_every_block_size_and_runs_the_
     bench.load_kernels([16, 32])
     assert sorted(bench.alignments) == [16, 32]
     assert checked == [(Variant.UNFUSED, bench.default, bench.default)]
-    assert not torch.isnan(bench.out).any()  # the layer ran: its NaN poison is overwritten
+    assert not torch.isnan(bench.checked_case.out).any()  # the layer ran: its NaN poison is overwritten
 
     def fails(*layer):
         raise RuntimeError("out of resources")
