@@ -69,7 +69,7 @@ class Job:
             self.code = self.launcher.wait(self.pid, timeout)
             if self.code is None:
                 self.code = self.launcher.kill(self.pid)
-                pytest.fail(f"`moetune {self.log.stem}` still running after {timeout} s:\n{self.err[-3000:]}")
+                pytest.fail(f"`moetune` ({self.log.name}) still running after {timeout} s:\n{self.err[-3000:]}")
         return self.code
 
     @property
