@@ -281,7 +281,6 @@ def test_kill_9_at_random_points_loses_at_most_one_trial_per_kill(killed_and_res
 
 # -- what the reruns started above did ------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="rerun re-times")
 def test_a_rerun_of_a_finished_tune_leaves_the_table_byte_identical(rerun):
     assert rerun["job"].end() == 0, rerun["job"].err[-3000:]
     assert trial_counts(rerun["journal"]) == rerun["trials"]
@@ -295,7 +294,6 @@ def test_a_table_write_that_fails_half_way_leaves_the_previous_table(full_disk):
     assert sorted(p.name for p in full_disk["folder"].iterdir()) == [TABLE]  # no temporary file left behind
 
 
-@pytest.mark.xfail(strict=True, reason="a failed write ends in a traceback")
 def test_a_table_write_that_fails_half_way_is_one_clear_line(full_disk):
     full_disk["job"].end()
     err = full_disk["job"].err.strip()
@@ -399,7 +397,6 @@ def test_a_postgres_restart_under_two_workers_loses_nothing(postgres_restarted):
     assert batch_sizes(postgres_restarted["table"]) == [POSTGRES_M]
 
 
-@pytest.mark.xfail(strict=True, reason="a worker dies with a traceback when the database restarts")
 def test_workers_reconnect_to_a_restarted_postgres_or_stop_in_one_line(postgres_restarted):
     job = postgres_restarted["job"]
     err = job.err

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..device import choose_interpreter_without_gpu
-from ..errors import UsageError
+from ..errors import UsageError, environment_errors, one_line
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError) as error:
         print(f"moetune: error: {error}", file=sys.stderr)
         return 2
+    except environment_errors() as error:  # disk full, a storage server gone: a rerun resumes
+        print(f"moetune: error: {one_line(error)} (rerun the command to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moetune: interrupted", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..device import DeviceInfo, forked_after_cuda, gpu_count, interpreter_enabled, local_device
-from ..errors import UsageError
+from ..errors import RunFailure, UsageError, environment_errors, one_line
 
 # How long the parent lets interrupted workers end their trials before stopping them.
 STOP_GRACE_S = 30.0
@@ -105,6 +105,9 @@ def _work(settings, write_tables: bool, compiler=None) -> None:
     except UsageError as error:
         print(f"moetune: error: [{label}] {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except environment_errors() as error:  # disk full, the storage server gone: one line each
+        print(f"moetune: error: [{label}] {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -243,5 +246,5 @@ def run_workers(settings, devices: list[int], first_writes: bool = True, log: Ca
     if len(failed) == len(processes):
         if all(code == 2 for _, code in failed):
             raise UsageError("every worker refused to start (see above)")
-        raise RuntimeError("every worker failed (see above)")
+        raise RunFailure("every worker failed (see above)")
     return first_writes and processes[0].exitcode == 0
