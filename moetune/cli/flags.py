@@ -106,15 +106,24 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UsageError(f"{flag} {str(path)!r}: {str(probe)!r} is not a folder")
+    problem = _cannot_create_in(probe, make_folder=probe != path)
+    if problem is not None:
+        raise UsageError(f"{flag} {str(path)!r} is not writable: {problem}")
+
+
+def _cannot_create_in(parent: Path, make_folder: bool = False) -> str | None:
+    """Why a file (or with `make_folder`, a folder) cannot be created in `parent`, found by
+    creating and removing one; None when it can."""
     try:
-        if probe == path:
-            fd, name = tempfile.mkstemp(prefix=".moetune-probe-", dir=probe)
+        if make_folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".moetune-probe-", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=".moetune-probe-", dir=parent)
             os.close(fd)
             os.unlink(name)
-        else:
-            os.rmdir(tempfile.mkdtemp(prefix=".moetune-probe-", dir=probe))
     except OSError as error:
-        raise UsageError(f"{flag} {str(path)!r} is not writable: {error.strerror or error}") from None
+        return error.strerror or str(error)
+    return None
 
 
 def check_memory(shapes: list[MoEShape], batch_sizes: list[int], dtype: str, device: DeviceInfo,
@@ -148,9 +157,7 @@ def _gib(size: int) -> str:
 def check_storage(url: str) -> None:
     """Reach the storage now, so a typo fails in one line instead of after compiling."""
     if not is_database_url(url):
-        parent = Path(url).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist or is not writable")
+        _check_storage_folder(url, Path(url).resolve().parent)
         return
     try:
         import sqlalchemy
@@ -159,9 +166,7 @@ def check_storage(url: str) -> None:
         if engine.dialect.name == "sqlite":
             database = engine.url.database
             if database and database != ":memory:":
-                parent = Path(database).resolve().parent
-                if not parent.is_dir():
-                    raise UsageError(f"--storage {url!r}: folder {str(parent)!r} does not exist")
+                _check_storage_folder(url, Path(database).resolve().parent)
             return
         with engine.connect():
             pass
@@ -170,6 +175,15 @@ def check_storage(url: str) -> None:
     except Exception as error:  # noqa: BLE001 - any driver error means the storage is unusable
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--storage {url!r} is unreachable: {first}") from None
+
+
+def _check_storage_folder(url: str, folder: Path) -> None:
+    """The folder of a journal or SQLite file: it must exist, and take a new file."""
+    if not folder.is_dir():
+        raise UsageError(f"--storage {url!r}: folder {str(folder)!r} does not exist")
+    problem = _cannot_create_in(folder)
+    if problem is not None:
+        raise UsageError(f"--storage {url!r}: cannot write in folder {str(folder)!r}: {problem}")
 
 
 def parse_variants(text: str) -> list[Variant]:

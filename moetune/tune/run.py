@@ -207,6 +207,8 @@ class TuningRun:
         visits = [BatchKey(shape, M).study(role) for shape in s.shapes for M in order for role in self.roles
                   if not self.batches[BatchKey(shape, M)].complete]
         self.visits = {visit: index for index, visit in enumerate(visits)}
+        if not visits:
+            return  # every study complete: only entries to write (--retime)
         self.bar = tqdm(total=len(visits) * s.trials, unit="trial", disable=not s.progress, dynamic_ncols=True,
                         position=s.bar_position)
         for index, visit in enumerate(visits):

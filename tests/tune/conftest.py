@@ -78,7 +78,7 @@ class HeldCompiler(Compiler):
 
     def __init__(self, slots: int, settings):
         super().__init__(0)
-        self.capacity, self.events = slots, []
+        self.capacity, self.events, self.configs = slots, [], []  # configs: the candidates, in turn
         shape, dtype = settings.shapes[0], settings.torch_dtype
         # What a request is for: (role, M).
         self.roles = {role_compile_request(role, M, shape, dtype, block_m): (role, M) for role in settings.roles
@@ -87,6 +87,8 @@ class HeldCompiler(Compiler):
     def submit(self, request, config, launcher=False):
         role, M = self.roles[request]
         self.events.append(("default" if launcher else "compile", role, M))
+        if not launcher:
+            self.configs.append(config)
         return self.finished() if launcher else Future()
 
     def submit_helpers(self, request):
@@ -104,21 +106,23 @@ class HeldCompiler(Compiler):
 @pytest.fixture
 def held_compiler(monkeypatch):
     """Makes HeldCompilers: the tuner's wait for a compile records ("wait", role, M) and
-    finishes the compiles of that study's pending trials."""
+    finishes the compiles of that study's pending trials (with last_first, only the one
+    asked last)."""
     compilers = []
     real_wait = RoleStudy.wait_for_compile
 
     def wait_for_compile(study):
         for compiler in compilers:
             compiler.events.append(("wait", study.role, study.key.batch.M))
-        for pending in study.pending:
-            if not pending.compiled.done():
-                pending.compiled.set_result(0.0)
+        compiling = [pending.compiled for pending in study.pending if not pending.compiled.done()]
+        for future in compiling[-1:] if compilers[-1].last_first else compiling:
+            future.set_result(0.0)
         return real_wait(study)
 
     monkeypatch.setattr(RoleStudy, "wait_for_compile", wait_for_compile)
 
-    def make(slots: int, settings) -> HeldCompiler:
+    def make(slots: int, settings, last_first: bool = False) -> HeldCompiler:
         compilers.append(HeldCompiler(slots, settings))
+        compilers[-1].last_first = last_first
         return compilers[-1]
     return make

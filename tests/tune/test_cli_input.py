@@ -42,6 +42,8 @@ BAD_INVOCATIONS = [
     (["run", *TINY, "--storage", "sqlite:////no/such/folder/studies.db"], "/no/such/folder"),
     (["run", *TINY, "--storage", "postgresql://tuner@127.0.0.1:1/studies"], "127.0.0.1:1"),
     (["run", *TINY, "--storage", "/no/such/folder/studies.journal"], "/no/such/folder"),
+    (["run", *TINY, "--storage", "/proc/studies.journal"], "'/proc'"),
+    (["run", *TINY, "--storage", "sqlite:////proc/studies.db"], "'/proc'"),
     (["run", *TINY, "--space", "/no/such/space.yaml"], "/no/such/space.yaml"),
     (["run", *TINY, "--space", "{tmp}/broken.yaml"], "broken.yaml"),
     (["run", *TINY, "--space", "{tmp}/unknown_key.yaml"], "BLOCK_SIZE_Q"),

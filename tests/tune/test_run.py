@@ -195,6 +195,20 @@ def test_while_trials_compile_the_tuner_prepares_batch_sizes_and_asks_the_next_s
     ]
 
 
+def test_a_slow_compile_holds_up_no_trial_compiled_after_it(tmp_path, monkeypatch, made_up_timings, held_compiler):
+    args = build_parser().parse_args(["run", *TINY, "--trials", "2", "--batch-sizes", "8", "--variants", "unfused",
+                                      *QUIET, "--out-dir", str(tmp_path)])
+    settings, _ = build_settings(args)
+    compiler = held_compiler(2, settings, last_first=True)  # each wait finishes the trial asked last
+    checked = []
+    real_check = BatchBench.check_and_time_role
+    monkeypatch.setattr(BatchBench, "check_and_time_role",
+                        lambda self, role, config, *rest: checked.append(config) or real_check(self, role, config, *rest))
+    tune(settings, log=lambda line: None, compiler=compiler)
+    first, second = compiler.configs[:2]  # GEMM 1's two trials, asked together
+    assert checked[:2] == [second, first]
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 @pytest.mark.e2e
