@@ -21,7 +21,7 @@ from .quant import FP8_DTYPE, check_block_shape
 from .tables import TORCH_DTYPES
 from .types import OFF, LaunchConfig, Switches, SwitchError, Variant, unknown_keys
 
-DTYPES = tuple(TORCH_DTYPES.values())
+ACTIVATION_DTYPES = tuple(TORCH_DTYPES.values())  # torch dtypes the layer computes in
 ACCUMULATIONS = (None, "fp32")
 
 
@@ -46,7 +46,7 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_exp
         raise ValueError(f"w1.shape[1] = {two_n} must be even: gate and up projections of N rows each")
     if tuple(w2.shape) != (e, k, two_n // 2):
         raise ValueError(f"w2 {tuple(w2.shape)} must be [E, K, N] = {(e, k, two_n // 2)} to match w1 {tuple(w1.shape)}")
-    if hidden_states.dtype not in DTYPES:
+    if hidden_states.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"hidden_states dtype {hidden_states.dtype} is not supported; use bf16, fp16 or fp32")
     for name, tensor in (("w1", w1), ("w2", w2)):
         if tensor.dtype != hidden_states.dtype and tensor.dtype != FP8_DTYPE:

@@ -119,7 +119,6 @@ def main() -> int:
                                  "vs_off": us / base if base else None, "floor_us": floor, "rel_error": error})
                     print(f"{key:9s} M={M:<6d} {variant:8s} {name:20s} {us:9.1f} us  x{us / base:5.3f} vs off  "
                           f"err {error:.1e}", flush=True)
-        del w1, w2
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_switches.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
