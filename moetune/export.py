@@ -21,7 +21,8 @@ from typing import Mapping
 
 from .device import device_key as to_device_key
 from .errors import TableError, UsageError
-from .loader import FROM_FAMILY, find_tables, nearest_batch_size
+from .loader import FROM_FAMILY, nearest_batch_size
+from .table_listing import find_tables
 from .tables import checked_config, dtype_name, read_table, write_atomic
 
 FORMATS = ("vllm", "sglang")

@@ -29,10 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .configs import compact_config, default_config  # noqa: F401 - compact_config: compare imports it here
+from .configs import default_config
 from .device import DeviceInfo, device_key, local_device, shared_memory_for_capability
 from .errors import TableError
-from .tables import Table, dtype_name, parse_table_file_name, read_record, table_file_name
+from .tables import Table, dtype_name, read_record, table_file_name
 from .types import OFF, LaunchConfig, Switches, Variant
 
 ENV_CONFIG_DIR = "MOETUNE_CONFIG_DIR"
@@ -203,11 +203,13 @@ def config_dirs() -> list[Path]:
     return [Path(part).expanduser() for part in value.split(os.pathsep) if part.strip()]
 
 
-def _roots() -> list[tuple[Path, str]]:
+def table_roots() -> list[tuple[Path, str]]:
+    """The folders tables are looked up in, in order, each with its origin."""
     return [(folder, FROM_ENV) for folder in config_dirs()] + [(Path(PACKAGED_DIR), FROM_PACKAGE)]
 
 
-def _device_folders(root: Path) -> list[Path]:
+def device_folders(root: Path) -> list[Path]:
+    """The device folders under a root (each named by a device key)."""
     try:
         return sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(("_", ".")))
     except OSError:
@@ -216,7 +218,7 @@ def _device_folders(root: Path) -> list[Path]:
 
 def device_keys_with_tables() -> list[str]:
     """Keys of the devices that have a folder of tables in MOETUNE_CONFIG_DIR or the package."""
-    return sorted({folder.name for root, _ in _roots() for folder in _device_folders(root)})
+    return sorted({folder.name for root, _ in table_roots() for folder in device_folders(root)})
 
 
 def _present(path: Path) -> bool:
@@ -237,18 +239,18 @@ def candidate_files(file_name: str, device: DeviceInfo) -> list[TableFile]:
     Same-family candidates are listed by folder; whether their compute capability matches
     is known only once the table is read.
     """
-    roots = _roots()
+    roots = table_roots()
     exact = [TableFile(root / device.key / file_name, origin, device.key) for root, origin in roots]
     family = []
     if device.compute_capability is not None:
         for root, _ in roots:
-            for folder in _device_folders(root):
+            for folder in device_folders(root):
                 if folder.name != device.key:
                     family.append(TableFile(folder / file_name, FROM_FAMILY, folder.name))
     return [candidate for candidate in exact + family if _present(candidate.path)]
 
 
-def _same_family(table: Table, device: DeviceInfo) -> bool:
+def same_family(table: Table, device: DeviceInfo) -> bool:
     capability = table.device.compute_capability
     return capability is not None and capability == device.compute_capability
 
@@ -267,7 +269,7 @@ def resolve_device(device: str | DeviceInfo | None = None, strict: bool = False)
     if device is None or device_key(device) == local.key:
         return local
     key = device_key(device)
-    for root, _ in _roots():
+    for root, _ in table_roots():
         folder = root / key
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             table = load_record(path, strict=strict)
@@ -328,7 +330,7 @@ def _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict) -
         if table is None:
             continue
         if candidate.origin == FROM_FAMILY:
-            if not _same_family(table, target):
+            if not same_family(table, target):
                 continue
             warn_once(
                 f"family:{candidate.path}:{target.key}",
@@ -414,52 +416,3 @@ def warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, ConfigWarning, stacklevel=4)
-
-
-# ---------------------------------------------------------------------------------------
-# Listing what a device would use (show, export)
-
-
-@dataclass(frozen=True)
-class FoundTable:
-    file: TableFile
-    record: Table | None  # None: the file is not a valid table
-    error: str | None
-    used: bool  # False: shadowed by an earlier source, another family, or invalid
-
-    @property
-    def table(self) -> dict | None:
-        """The table's JSON form (tables.validate_table's), or None."""
-        return None if self.record is None else self.record.to_json()
-
-
-def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
-    """Every table file the loader could read for `device`, in lookup order, per shape.
-
-    Bad files (a folder or unreadable file at a table's path included) are listed with
-    their error instead of raising or warning.
-    """
-    target = resolve_device(device, strict=False)
-    names: set[str] = set()
-    for root, _ in _roots():
-        folders = _device_folders(root) if target.compute_capability is not None else [root / target.key]
-        for folder in folders:
-            names.update(path.name for path in folder.glob("*.json") if parse_table_file_name(path.name))
-    found: list[FoundTable] = []
-    for name in sorted(names, key=_shape_order):
-        used_one = False
-        for candidate in candidate_files(name, target):
-            try:
-                table, error = read_record(candidate.path), None
-            except TableError as problem:
-                table, error = None, str(problem)
-            if table is not None and candidate.origin == FROM_FAMILY and not _same_family(table, target):
-                continue
-            used = table is not None and not used_one
-            used_one = used_one or used
-            found.append(FoundTable(candidate, table, error, used))
-    return found
-
-
-def _shape_order(name: str) -> tuple:
-    return parse_table_file_name(name) or (0, 0, 0, 0, name)

@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..compare import (PLOTS_NEED_MATPLOTLIB, CompareSettings, measure_shape, plan_shape, plots_available,
-                       report_text, write_results)
+from ..compare import CompareSettings, measure_shape, plan_shape
+from ..compare_output import PLOTS_NEED_MATPLOTLIB, plots_available, report_text, write_results
 from ..device import local_device
 from ..errors import UsageError
 from .flags import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,

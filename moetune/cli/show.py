@@ -10,6 +10,7 @@ from .. import loader
 from ..configs import compact_config
 from ..device import CPU_KEY, DeviceInfo, device_key, local_device
 from ..errors import UsageError
+from ..table_listing import FoundTable, find_tables
 from ..tables import dtype_name, parse_table_file_name
 from ..types import Variant
 
@@ -51,10 +52,10 @@ def main(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # bad tables are listed below, each in one line
         warnings.simplefilter("ignore", loader.ConfigWarning)
         target = loader.resolve_device(args.gpu, strict=False)
-        found = loader.find_tables(target)
+        found = find_tables(target)
     wanted = {"E": args.E, "N": args.intermediate, "K": args.hidden, "topk": args.topk, "dtype": dtype}
 
-    def matches(found: loader.FoundTable) -> bool:
+    def matches(found: FoundTable) -> bool:
         E, N, K, topk, table_dtype = parse_table_file_name(found.file.path.name)
         actual = {"E": E, "N": N, "K": K, "topk": topk, "dtype": table_dtype}
         return all(value is None or actual[key] == value for key, value in wanted.items())
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_text(target: DeviceInfo, found: list[loader.FoundTable], deterministic: bool) -> str:
+def show_text(target: DeviceInfo, found: list[FoundTable], deterministic: bool) -> str:
     if target.compute_capability is not None:
         capability = f"compute capability {target.compute_capability[0]}.{target.compute_capability[1]}"
     elif target.key == CPU_KEY:
@@ -96,7 +97,7 @@ def show_text(target: DeviceInfo, found: list[loader.FoundTable], deterministic:
     return "\n".join(lines) + "\n"
 
 
-def _batch_size_lines(entry: loader.FoundTable, deterministic: bool) -> list[str]:
+def _batch_size_lines(entry: FoundTable, deterministic: bool) -> list[str]:
     """Per batch size of a used table: the variant picked, why, both configs, the layer time."""
     table, path = entry.record, str(entry.file.path)
     header = f"{entry.file.path.name}  (Triton {table.versions['triton']}, {table.device.name}, {table.created})"
