@@ -52,16 +52,16 @@ class KernelSwitches:
             raise ValueError("tma_activations needs sorted_rows: GEMM 2's A rows are contiguous per block only "
                              "in the sorted intermediate")
         if self.fuse_activation and self.split_k > 1:
-            raise ValueError(f"fuse_activation and split_k = {self.split_k} are incompatible: GEMM 1's "
-                             "silu(gate) * up epilogue cannot run on split-K partials")
+            raise ValueError(f"fuse_activation and split_k = {self.split_k} are incompatible: they cannot go "
+                             "together, since GEMM 1's silu(gate) * up epilogue cannot run on split-K partials")
         return self
 
     def check_configs(self, gemm1_config: dict, gemm2_config: dict) -> None:
         """Raise ValueError where the launch configs cannot run with these switches."""
         if self.sorted_rows and gemm1_config["BLOCK_SIZE_M"] != gemm2_config["BLOCK_SIZE_M"]:
             raise ValueError(
-                "sorted_rows: GEMM 2 reads GEMM 1's rows in GEMM 1's aligned order, so its BLOCK_SIZE_M "
-                f"({gemm2_config['BLOCK_SIZE_M']}) must equal GEMM 1's ({gemm1_config['BLOCK_SIZE_M']})")
+                f"sorted_rows needs one BLOCK_SIZE_M for both GEMMs, got {gemm1_config['BLOCK_SIZE_M']} and "
+                f"{gemm2_config['BLOCK_SIZE_M']}: GEMM 2 reads GEMM 1's rows in GEMM 1's aligned order")
 
 
 OFF = KernelSwitches()

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import HOPPER_SHARED_MEMORY_BYTES
 
 CPU_KEY = "cpu"
 INTERPRET_ENV = "TRITON_INTERPRET"
+# Shared memory a block may opt in to on Hopper (H100, H200): the limit assumed when none is known.
+HOPPER_SHARED_MEMORY_BYTES = 232448
 
 # Shared memory a block may opt in to, per compute capability (CUDA programming guide,
 # "Technical Specifications per Compute Capability"): what a table tuned on such a device

@@ -8,13 +8,13 @@ GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two varian
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from .device import INTERPRET_ENV, interpreter_enabled
-from .kernels import KernelSwitches, align_tokens, run_experts, select_experts
+from .kernels import align_tokens, run_experts, select_experts
 from .kernels.routing import check_routing
 from .loader import default_selection, get_config, warn_once
 from .quant import FP8_DTYPE, check_block_shape
@@ -312,16 +312,15 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     if out is None:
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
-    kernel_switches = KernelSwitches(**asdict(switches))
     quantized = fp8.kernel_arguments() if fp8 is not None else {}
     if Variant(variant) is Variant.UNFUSED:
         return run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
-                           kernel_switches, atomic_add=False, out=out, weight_scale=scale, **quantized)
+                           switches, atomic_add=False, out=out, weight_scale=scale, **quantized)
     # Fused: every (token, k) slot adds into the zeroed target; tokens whose experts all
     # live on other ranks keep the zero.
     target = out if accumulation is None or out.dtype == torch.float32 else \
         torch.empty(m, k, dtype=torch.float32, device=out.device)
-    run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, kernel_switches,
+    run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, switches,
                 atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem, **quantized)
     if target is not out:
         out.copy_(target)

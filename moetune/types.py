@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, fields
+
+from .device import HOPPER_SHARED_MEMORY_BYTES  # noqa: F401 - part of this vocabulary
+# Importing the kernels defines them: the `moetune` command chooses the interpreter before
+# anything imports this module (its package and device.py import no kernel).
+from .kernels.switches import KernelSwitches
 from typing import Any, Iterable, Mapping
 
-# Shared memory a block may opt in to on Hopper (H100, H200): the limit assumed when none is known.
-HOPPER_SHARED_MEMORY_BYTES = 232448
 # Smallest tile a Triton dot accepts along each axis.
 MIN_BLOCK_SIZE = 16
 # Upper bounds: beyond them no GPU compiles the kernel (or index arithmetic overflows int32).
@@ -222,9 +225,11 @@ class SwitchError(ValueError):
 
 
 @dataclass(frozen=True)
-class Switches:
+class Switches(KernelSwitches):
     """Compile-time switches of the expert kernels for one layer (both GEMMs); all off is
     the plain path: GEMM 1 stores by slot, a SiLU-and-mul kernel, GEMM 2 gathers its rows.
+    The kernels' KernelSwitches with what a table needs besides: its JSON form and the
+    values a table may hold; which combinations run is the kernels' rule (validate()).
 
     sorted_rows: GEMM 1 writes rows in aligned order and GEMM 2 reads them so (both
         configs then share one BLOCK_SIZE_M). fuse_activation: SiLU-and-mul in GEMM 1's
@@ -232,13 +237,6 @@ class Switches:
         through tensor descriptors (TMA). split_k: the K range split over programs (small
         M). persistent: about one program per SM looping over the live tiles.
     """
-
-    sorted_rows: bool = False
-    fuse_activation: bool = False
-    tma_weights: bool = False
-    tma_activations: bool = False
-    split_k: int = 1
-    persistent: bool = False
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -248,11 +246,10 @@ class Switches:
                     raise SwitchError(f"split_k must be one of {', '.join(map(str, SPLIT_K_CHOICES))}, got {value!r}")
             elif not isinstance(value, bool):
                 raise SwitchError(f"{field.name} must be true or false, got {value!r}")
-        if self.tma_activations and not self.sorted_rows:
-            raise SwitchError("tma_activations needs sorted_rows: only sorted rows are contiguous per block")
-        if self.fuse_activation and self.split_k > 1:
-            raise SwitchError(f"fuse_activation and split_k = {self.split_k} cannot go together: the SiLU "
-                              "epilogue cannot run on split-K partials")
+        try:
+            self.validate()
+        except ValueError as error:
+            raise SwitchError(str(error)) from None
 
     @classmethod
     def from_json(cls, data: Any, what: str = "switches") -> "Switches":
@@ -279,9 +276,11 @@ class Switches:
         return 2 if self.fuse_activation else 1
 
     def config_problem(self, gemm1: LaunchConfig, gemm2: LaunchConfig) -> str | None:
-        """Why the two GEMMs' configs cannot run with these switches, or None."""
-        if self.sorted_rows and gemm1.block_m != gemm2.block_m:
-            return (f"sorted_rows needs one BLOCK_SIZE_M for both GEMMs, got {gemm1.block_m} and {gemm2.block_m}")
+        """Why the two GEMMs' configs cannot run with these switches (the kernels' rule), or None."""
+        try:
+            self.check_configs(gemm1.to_json(), gemm2.to_json())
+        except ValueError as error:
+            return str(error)
         return None
 
     @property
