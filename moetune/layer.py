@@ -8,6 +8,8 @@ GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two varian
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -79,11 +81,20 @@ def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_exp
                          f"CPU (set {INTERPRET_ENV}=1 before moetune's kernels are first imported)")
 
 
+# Expert maps whose values were read and found good, by id (a tensor's == compares values).
+_checked_maps: dict[int, weakref.ref] = {}
+
+
+def _map_checked(expert_map: torch.Tensor) -> bool:
+    known = _checked_maps.get(id(expert_map))
+    return known is not None and known() is expert_map
+
+
 def check_expert_map(expert_map: torch.Tensor | None, global_num_experts: int | None, w1: torch.Tensor) -> int:
     """The global expert count, after checking the expert map names local experts only.
 
-    The values are read (one sync) only outside CUDA-graph capture, where a read would
-    break the capture; the layer itself never needs them on the host.
+    The values are read (one sync) once per map tensor, and only outside CUDA-graph capture,
+    where a read would break the capture; the layer itself never needs them on the host.
     """
     local = w1.shape[0] if isinstance(w1, torch.Tensor) and w1.dim() == 3 else 0
     if global_num_experts is not None and (isinstance(global_num_experts, bool)
@@ -103,12 +114,15 @@ def check_expert_map(expert_map: torch.Tensor | None, global_num_experts: int | 
         raise ValueError(f"expert_map has {expert_map.numel()} entries but global_num_experts = {global_experts}")
     if global_experts < local:
         raise ValueError(f"global_num_experts = {global_experts} is less than the {local} local experts of w1")
+    # A rank's map is fixed: its values are read (a host sync) once per tensor, not per call.
     capturing = expert_map.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and expert_map.numel():
+    if not capturing and expert_map.numel() and not _map_checked(expert_map):
         low, high = int(expert_map.min()), int(expert_map.max())
         if low < -1 or high >= local:
             raise ValueError(f"expert_map values must be -1 (another rank) or local ids in [0, {local}), "
                              f"got values in [{low}, {high}]")
+        key = id(expert_map)
+        _checked_maps[key] = weakref.ref(expert_map, lambda _: _checked_maps.pop(key, None))
     return global_experts
 
 
@@ -138,10 +152,8 @@ def _select_configs(hidden_states, w1, topk, variant, config, down_config, deter
         m, k = hidden_states.shape
         e, two_n, _ = w1.shape
         if fp8_block is not None:
-            selection = default_selection(e, two_n // 2, k, topk, m, variant or Variant.UNFUSED)
-            block_k = min(selection.gemm1.block_k, fp8_block[1])
-            return selection.gemm1.replace(block_k=block_k), selection.gemm2.replace(block_k=block_k), \
-                selection.variant, OFF
+            return (*_fp8_default_configs(e, two_n // 2, k, topk, m, Variant(variant or Variant.UNFUSED),
+                                          fp8_block[1]), OFF)
         selection = get_config(e, two_n // 2, k, topk, hidden_states.dtype, m,
                                variant=variant, deterministic=deterministic)
         return selection.gemm1, selection.gemm2, selection.variant, selection.switches
@@ -150,6 +162,15 @@ def _select_configs(hidden_states, w1, topk, variant, config, down_config, deter
     gemm1 = _given_config(config, "config")
     gemm2 = _given_config(down_config, "down_config") if down_config is not None else gemm1
     return gemm1, gemm2, variant or Variant.UNFUSED, OFF
+
+
+@functools.lru_cache(maxsize=1024)
+def _fp8_default_configs(E: int, N: int, K: int, topk: int, M: int, variant: Variant, block_k: int):
+    """The default heuristic's configs for an fp8 layer, BLOCK_SIZE_K within one scale block;
+    cached like the tables' selections, since the layer asks per call."""
+    selection = default_selection(E, N, K, topk, M, variant)
+    tile_k = min(selection.gemm1.block_k, block_k)
+    return selection.gemm1.replace(block_k=tile_k), selection.gemm2.replace(block_k=tile_k), selection.variant
 
 
 def _given_switches(switches: Switches | Mapping, gemm1: LaunchConfig, gemm2: LaunchConfig) -> Switches:
