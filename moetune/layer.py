@@ -105,10 +105,12 @@ def check_expert_map(expert_map: torch.Tensor | None, global_num_experts: int | 
             raise ValueError(f"global_num_experts = {global_num_experts} differs from the {local} experts of w1: "
                              "pass the expert_map that says which of them are local")
         return local
-    if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.dtype not in (torch.int32,
-                                                                                                        torch.int64):
+    if not isinstance(expert_map, torch.Tensor):
         raise ValueError(f"expert_map must be a 1-D int32/int64 tensor [global_num_experts], got "
-                         f"{getattr(expert_map, 'dtype', type(expert_map).__name__)} {tuple(getattr(expert_map, 'shape', ()))}")
+                         f"{type(expert_map).__name__}")
+    if expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_map must be a 1-D int32/int64 tensor [global_num_experts], got "
+                         f"{expert_map.dtype} {tuple(expert_map.shape)}")
     global_experts = expert_map.numel() if global_num_experts is None else global_num_experts
     if expert_map.numel() != global_experts:
         raise ValueError(f"expert_map has {expert_map.numel()} entries but global_num_experts = {global_experts}")
