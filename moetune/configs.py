@@ -3,19 +3,9 @@ and the short form tables are shown in."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 from .types import CONFIG_KEYS, HOPPER_SHARED_MEMORY_BYTES, LaunchConfig, value_problem  # noqa: F401
-
-
-def check_config(config: Any, what: str = "config") -> dict[str, int]:
-    """Return a clean copy of a launch config's JSON form, or raise naming the bad key.
-
-    TypeError for a non-mapping or a non-integer value, ValueError for a missing key or a
-    value out of range. Keys the kernel does not know are dropped; callers that must say
-    so use types.unknown_keys.
-    """
-    return LaunchConfig.from_json(config, what, unknown="ignore").to_json()
 
 
 def default_config(M: int, E: int, N: int, K: int, topk: int, *,

@@ -215,8 +215,6 @@ def unknown_keys(data: Mapping) -> list[str]:
     return [str(key) for key in data if key not in _JSON_KEYS and key not in KNOWN_FOREIGN_KEYS]
 
 
-LAUNCH_CONFIG_FIELDS = tuple(field.name for field in fields(LaunchConfig))
-
 SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
 
 
@@ -283,17 +281,5 @@ class Switches(KernelSwitches):
             return str(error)
         return None
 
-    @property
-    def sglang_runnable(self) -> bool:
-        """Whether SGLang's Triton fused MoE runs this path: the plain one, or (a `_down`
-        config with USE_TMA) sorted rows with both operands of GEMM 2 through TMA."""
-        return self in (OFF, SGLANG_TMA)
-
-    @property
-    def vllm_runnable(self) -> bool:
-        """Whether vLLM's Triton fused MoE runs this path: the plain one only."""
-        return self == OFF
-
 
 OFF = Switches()
-SGLANG_TMA = Switches(sorted_rows=True, tma_weights=True, tma_activations=True)
