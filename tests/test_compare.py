@@ -25,6 +25,9 @@ from moetune.device import local_device
 from moetune.reference import TOLERANCE
 from moetune.tables import new_table, table_path, write_table
 
+# One test worker runs the whole module: the module's compared tables are built once.
+pytestmark = pytest.mark.xdist_group("compare")
+
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(E=4, N=16, K=32, topk=2)
 TINY = ["compare", "--E", "4", "--topk", "2", "--hidden", "32", "--intermediate", "16", "--dtype", "fp16"]

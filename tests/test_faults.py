@@ -26,7 +26,9 @@ import pytest
 from moetune.tables import read_table
 from tests.faults_support import Launcher, error_log
 
-pytestmark = pytest.mark.e2e
+# One test worker runs the whole module: its runs are built on each other, and its PostgreSQL
+# restart must not meet another test using the server (tests/tune/test_workers.py joins the group).
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("faults")]
 
 TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32", "--dtype", "fp16"]
 TABLE = "E=4,N=32,K=64,topk=2,dtype=fp16.json"

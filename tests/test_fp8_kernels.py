@@ -19,6 +19,9 @@ from moetune.quant import (FP8_DTYPE, FP8_TOLERANCE, fp8_moe_reference, fp8_tole
 from moetune.reference import moe_reference, relative_error
 from tests.moe_inputs import make_inputs
 
+# One test worker runs the whole module: the module's inputs are built once.
+pytestmark = pytest.mark.xdist_group("fp8-kernels")
+
 OFF = KernelSwitches()
 CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1, "num_warps": 4,
           "num_stages": 2}

@@ -16,6 +16,9 @@ from moetune.measure import GRAPH_TIMER, LayerCase, check, time_interleaved
 from moetune.reference import TOLERANCE
 from moetune.types import LaunchConfig, Variant
 
+# One test worker runs the whole module: the module's cases are built once.
+pytestmark = pytest.mark.xdist_group("measure")
+
 REPO = Path(__file__).resolve().parent.parent
 E, N, K, TOPK = 4, 16, 32, 2
 SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4,

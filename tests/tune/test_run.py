@@ -25,6 +25,9 @@ from moetune.types import Role
 from tests.tune.conftest import (JOURNAL, QUIET, TABLE, TINY, measured_configs, record_walk, replace_timings,
                                  studies_in)
 
+# One test worker runs the whole module: the module's tuned tables are built once.
+pytestmark = pytest.mark.xdist_group("tune-run")
+
 ENV = dict(os.environ, TRITON_INTERPRET="1")
 
 

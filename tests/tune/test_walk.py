@@ -14,6 +14,9 @@ from moetune.tune.walk import walk_order
 from moetune.types import Role
 from tests.tune.conftest import QUIET, TABLE, TINY, record_walk, replace_timings
 
+# One test worker runs the whole module: the module's walk is recorded once.
+pytestmark = pytest.mark.xdist_group("walk")
+
 SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
 
 

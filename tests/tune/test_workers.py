@@ -135,6 +135,7 @@ def postgres_url() -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("faults")  # tests/test_faults.py restarts the server: never beside it
 def test_workers_share_postgres_and_collect_writes_the_table(tmp_path, capsys, made_up_timings):
     url = postgres_url()
     storage = optuna.storages.RDBStorage(database_url(url))
