@@ -31,6 +31,9 @@ HIDDEN_FIELDS = ("hidden_size",)
 INTERMEDIATE_FIELDS = ("moe_intermediate_size", "intermediate_size")  # Qwen/DeepSeek also list a dense size
 
 PRESET_KEYS = ("experts", "topk", "hidden", "intermediate", "renormalize", "num_layers")
+# A preset's published quantization, when its weights ship quantized (else bf16).
+QUANT_KEYS = ("dtype", "block_shape")
+FP8_W8A8 = "fp8_w8a8"  # tables.FP8_W8A8; shapes.py imports no torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class MoEShape:
     name: str | None = None  # preset name if any
     renormalize: bool = True  # norm_topk_prob of the model
     num_layers: int | None = None  # MoE layers in the model (for prefill benchmarks)
+    # The published weights' quantization: "fp8_w8a8" with its scale blocks (None: one
+    # scale per expert); dtype None for bf16 weights. `moetune run` tunes it by default.
+    dtype: str | None = None
+    block_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for field in ("E", "N", "K", "topk"):
@@ -85,6 +92,11 @@ def _presets_from_file() -> tuple[MoEShape, ...]:
         missing = [key for key in PRESET_KEYS if key not in entry]
         if missing:
             raise ValueError(f"{PRESETS_PATH}: preset {name!r} is missing {', '.join(missing)}")
+        dtype, block = entry.get("dtype"), entry.get("block_shape")
+        if dtype not in (None, FP8_W8A8) or (block is not None and (dtype is None or not isinstance(block, list)
+                                                                     or len(block) != 2)):
+            raise ValueError(f"{PRESETS_PATH}: preset {name!r}: dtype must be {FP8_W8A8} (block_shape [BN, BK]) "
+                             f"or absent, got {dtype!r} {block!r}")
         shapes.append(
             MoEShape(
                 E=entry["experts"],
@@ -94,6 +106,8 @@ def _presets_from_file() -> tuple[MoEShape, ...]:
                 name=str(name),
                 renormalize=bool(entry["renormalize"]),
                 num_layers=entry["num_layers"],
+                dtype=dtype,
+                block_shape=tuple(block) if block is not None else None,
             )
         )
     return tuple(shapes)
@@ -114,9 +128,13 @@ def get_preset(name: str, tp_size: int = 1) -> MoEShape:
 
 
 def presets_matching(E: int, topk: int) -> list[MoEShape]:
-    """Presets with this expert count and top-k, sorted by name."""
+    """Presets with this expert count and top-k, sorted by name; a shape that two presets
+    share (a model and its FP8 release) once, under the first name."""
     matches = [shape for shape in load_presets().values() if shape.E == E and shape.topk == topk]
-    return sorted(matches, key=lambda shape: (shape.name or "").lower())
+    unique: dict[tuple[int, int, int, int], MoEShape] = {}
+    for shape in sorted(matches, key=lambda shape: (shape.name or "").lower()):
+        unique.setdefault((shape.E, shape.N, shape.K, shape.topk), shape)
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------- Hugging Face configs
