@@ -197,8 +197,24 @@ def from_hf_config(path: str | Path, tp_size: int = 1) -> MoEShape:
 
     name_or_path = config.get("_name_or_path")
     name = name_or_path.rstrip("/").split("/")[-1] if isinstance(name_or_path, str) and name_or_path.strip("/") else None
-    shape = MoEShape(E=E, N=N, K=K, topk=topk, name=name, renormalize=renormalize, num_layers=num_layers)
+    shape = MoEShape(E=E, N=N, K=K, topk=topk, name=name, renormalize=renormalize, num_layers=num_layers,
+                     **_published_quantization(config, path))
     return split_for_tp(shape, tp_size)
+
+
+def _published_quantization(config: Mapping[str, Any], path: Path) -> dict:
+    """dtype and block_shape of an fp8 checkpoint's quantization_config (quant_method "fp8",
+    weight_block_size [128, 128] or none: per tensor); nothing for other checkpoints."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        return {}
+    block = quantization.get("weight_block_size")
+    if block is None:
+        return {"dtype": FP8_W8A8}
+    if not isinstance(block, list) or len(block) != 2 or not all(_is_int(v) and v > 0 for v in block):
+        raise UsageError(f"model config {path}: quantization_config.weight_block_size must be [block_n, block_k], "
+                         f"got {block!r}")
+    return {"dtype": FP8_W8A8, "block_shape": (block[0], block[1])}
 
 
 # ---------------------------------------------------------------- command-line flags

@@ -1,6 +1,8 @@
 """`moetune run --dtype fp8_w8a8 [--block-shape BN,BK]`: the fp8 flags checked before any
 work, and a tiny fp8 tune in the interpreter writing a table keyed by its quant mode."""
 
+import json
+
 import pytest
 
 from moetune import get_config
@@ -39,6 +41,13 @@ def test_an_fp8_preset_tunes_its_published_quant_mode_unless_flags_say_otherwise
         "fp8_w8a8,block_shape=[128,128]", "fp8_w8a8,block_shape=[64,64]", "fp8_w8a8", "fp16"]
     assert seen[0].table_path(seen[0].shapes[0]).name == \
         "E=128,N=768,K=2048,topk=8,dtype=fp8_w8a8,block_shape=[128,128].json"
+    # A Hugging Face config.json says so in its quantization_config, as the FP8 releases publish it.
+    config = {"num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048, "moe_intermediate_size": 768,
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["run", "--model-config", str(tmp_path / "config.json"), "--out-dir", str(tmp_path), *QUIET]) == 0
+    assert str(seen[-1].dtype) == "fp8_w8a8,block_shape=[128,128]"
 
 
 def test_a_tiny_fp8_tune_writes_a_block_fp8_table_the_layer_finds(tmp_path, monkeypatch, made_up_timings,
