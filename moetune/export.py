@@ -4,7 +4,9 @@ Both frameworks name a file `E={E},N={N},device_name={device key}[,dtype=..][,bl
 and map batch size M (tokens) to one launch config, picking the nearest key at run time.
 vLLM runs that one config for both GEMMs. SGLang reads GEMM 2's config from a `..._down.json`
 beside it (falling back to GEMM 1's) and keeps its files in a `triton_X_Y_Z/` folder per
-Triton version. Neither selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`.
+Triton version. Neither selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`,
+fp8 weights for `,dtype=fp8_w8a8` and, with scale blocks, `,block_shape=[128,128]` (vLLM) or
+`,block_shape=[128, 128]` (SGLang, which prints the list as Python does).
 
 Baselines (--baseline-configs) are a folder of such files, or the name of one packaged with
 moetune under `moetune/baselines/`. The commands are in cli/export.py and cli/imports.py.
@@ -12,6 +14,7 @@ moetune under `moetune/baselines/`. The commands are in cli/export.py and cli/im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,13 +26,14 @@ from .device import device_key as to_device_key
 from .errors import TableError, UsageError
 from .loader import FROM_FAMILY, nearest_batch_size
 from .table_listing import find_tables
-from .tables import checked_config, dtype_name, read_table, write_atomic
+from .tables import FP8_W8A8, TableDtype, checked_config, read_table, write_atomic
 
 FORMATS = ("vllm", "sglang")
 # What Triton launches with when a config leaves these out (some SGLang files do).
 TRITON_LAUNCH_DEFAULTS = {"num_warps": 4, "num_stages": 3}
 # The file-name dtype selector vLLM and SGLang look for, per moetune dtype.
-DTYPE_SELECTORS: dict[str, str | None] = {"bf16": None, "fp16": None, "fp32": "float32"}
+DTYPE_SELECTORS: dict[str, str | None] = {"bf16": None, "fp16": None, "fp32": "float32", FP8_W8A8: FP8_W8A8}
+_BLOCK_SHAPE = re.compile(r"^\[\s*(\d+)\s*,\s*(\d+)\s*\]$")
 # vLLM writes this beside the batch sizes and removes it before reading them.
 _METADATA_KEYS = ("triton_version",)
 
@@ -64,6 +68,20 @@ class ForeignName:
             int(match["E"]), int(match["N"]), match["device"], match["dtype"], match["block_shape"],
             match["per_channel_quant"] is not None, match["down"] is not None,
         )
+
+    @classmethod
+    def of_table(cls, shape: Mapping, device_key: str, format: str) -> ForeignName:
+        """The name `format`'s fused MoE looks up for a table's shape (its JSON form) on a device."""
+        block = shape.get("block_shape")
+        spelled = None if block is None else f"[{block[0]},{block[1]}]" if format == "vllm" else \
+            f"[{block[0]}, {block[1]}]"
+        return cls(shape["E"], shape["N"], device_key, DTYPE_SELECTORS[shape["dtype"]], spelled)
+
+    @property
+    def block(self) -> tuple[int, int] | None:
+        """The block shape as numbers, however the name spells it (None: none, or unreadable)."""
+        match = _BLOCK_SHAPE.match(self.block_shape or "")
+        return (int(match[1]), int(match[2])) if match else None
 
     @property
     def file_name(self) -> str:
@@ -191,19 +209,19 @@ def plan_export(tables: list[tuple[str, dict]], format: str) -> tuple[list[Plann
     """
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
-    dtype_rank = {"bf16": 0, "fp16": 1, "fp32": 2}
+    dtype_rank = {"bf16": 0, "fp16": 1, "fp32": 2, FP8_W8A8: 3}
     ordered = sorted(tables, key=lambda item: dtype_rank[item[1]["shape"]["dtype"]])
     planned: dict[Path, PlannedFile] = {}
     messages: list[str] = []
     for source, table in ordered:
         shape = table["shape"]
-        name = ForeignName(shape["E"], shape["N"], table["device"]["key"], DTYPE_SELECTORS[shape["dtype"]])
+        name = ForeignName.of_table(shape, table["device"]["key"], format)
         if format == "vllm":
             files = [PlannedFile(Path(name.file_name), vllm_configs(table), source)]
         else:
             folder = Path(sglang_version_folder(table["versions"]["triton"]))
             up, down, replaced = sglang_configs(table)
-            down_name = ForeignName(name.E, name.N, name.device_key, name.dtype, down=True)
+            down_name = dataclasses.replace(name, down=True)
             files = [PlannedFile(folder / name.file_name, up, source), PlannedFile(folder / down_name.file_name, down, source)]
             if replaced:
                 messages.append(
@@ -330,16 +348,19 @@ class Baseline:
 
 
 def find_baseline(
-    folder: str | os.PathLike, E: int, N: int, device_key: str, dtype: str = "bf16"
+    folder: str | os.PathLike, E: int, N: int, device_key: str, dtype: str | TableDtype = "bf16",
+    block_shape=None,
 ) -> Baseline | None:
     """vLLM/SGLang configs for (E, N, device) under `folder`, searched recursively.
 
-    Only files without a quantization selector count (`,dtype=float32` for fp32). Among
+    Only files of the dtype's selector count: none for bf16/fp16, `,dtype=float32` for fp32,
+    `,dtype=fp8_w8a8` with the same block shape (spelled either way) for fp8. Among
     `triton_X_Y_Z/` folders the running Triton's wins, else the newest; files outside such
     folders (vLLM's) come last. GEMM 2 takes the `_down` file beside GEMM 1's if there is one,
     else GEMM 1's configs, as both frameworks do.
     """
-    selector = DTYPE_SELECTORS[dtype_name(dtype)]
+    wanted = TableDtype.of(dtype, block_shape)
+    selector = DTYPE_SELECTORS[wanted.name]
     key = to_device_key(device_key)
     groups: dict[tuple[int, int, int] | None, dict[bool, list[Path]]] = {}
     for path in sorted(Path(folder).rglob("*.json")):
@@ -347,7 +368,8 @@ def find_baseline(
         if (
             name is None
             or (name.E, name.N, name.device_key, name.dtype) != (E, N, key, selector)
-            or name.block_shape
+            or (name.block_shape is not None and name.block is None)
+            or name.block != wanted.block_shape
             or name.per_channel_quant
         ):
             continue

@@ -18,9 +18,9 @@ import torch
 from .device import INTERPRET_ENV, interpreter_enabled
 from .kernels import align_tokens, run_experts, select_experts
 from .kernels.routing import check_routing
-from .loader import default_selection, get_config, warn_once
+from .loader import get_config, warn_once
 from .quant import FP8_DTYPE, check_block_shape
-from .tables import TORCH_DTYPES
+from .tables import FP8_W8A8, TORCH_DTYPES, TableDtype
 from .types import OFF, LaunchConfig, Switches, SwitchError, Variant, unknown_keys
 
 ACTIVATION_DTYPES = tuple(TORCH_DTYPES.values())  # torch dtypes the layer computes in
@@ -146,17 +146,15 @@ def _given_config(config: LaunchConfig | Mapping, what: str) -> LaunchConfig:
     return checked
 
 
-def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic, fp8_block=None):
+def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic,
+                    fp8: TableDtype | None = None):
     """The (GEMM 1 config, GEMM 2 config, variant, switches) to run: given, or from the
-    tuned tables. fp8 layers have no tables yet: the default heuristic serves them, with
-    BLOCK_SIZE_K cut to divide the weights' scale block."""
+    tuned tables. fp8 weights (`fp8`: their table dtype) take a table of the same quant
+    mode, else the default heuristic with BLOCK_SIZE_K cut to lie within one scale block."""
     if config is None and down_config is None:
         m, k = hidden_states.shape
         e, two_n, _ = w1.shape
-        if fp8_block is not None:
-            return (*_fp8_default_configs(e, two_n // 2, k, topk, m, Variant(variant or Variant.UNFUSED),
-                                          fp8_block[1]), OFF)
-        selection = get_config(e, two_n // 2, k, topk, hidden_states.dtype, m,
+        selection = get_config(e, two_n // 2, k, topk, fp8 or hidden_states.dtype, m,
                                variant=variant, deterministic=deterministic)
         return selection.gemm1, selection.gemm2, selection.variant, selection.switches
     if config is None:
@@ -166,13 +164,10 @@ def _select_configs(hidden_states, w1, topk, variant, config, down_config, deter
     return gemm1, gemm2, variant or Variant.UNFUSED, OFF
 
 
-@functools.lru_cache(maxsize=1024)
-def _fp8_default_configs(E: int, N: int, K: int, topk: int, M: int, variant: Variant, block_k: int):
-    """The default heuristic's configs for an fp8 layer, BLOCK_SIZE_K within one scale block;
-    cached like the tables' selections, since the layer asks per call."""
-    selection = default_selection(E, N, K, topk, M, variant)
-    tile_k = min(selection.gemm1.block_k, block_k)
-    return selection.gemm1.replace(block_k=tile_k), selection.gemm2.replace(block_k=tile_k), selection.variant
+@functools.lru_cache(maxsize=64)
+def _fp8_table_dtype(block_shape: tuple[int, int] | None) -> TableDtype:
+    """The table dtype of fp8 weights with these scale blocks; the layer asks per call."""
+    return TableDtype(FP8_W8A8, block_shape)
 
 
 def _given_switches(switches: Switches | Mapping, gemm1: LaunchConfig, gemm2: LaunchConfig) -> Switches:
@@ -265,9 +260,9 @@ def fused_experts(
         out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
     if m == 0:
         return out
-    fp8_block = None if not fp8 else tuple(block_shape) if block_shape is not None else (w1.shape[1], 128)
+    quant = _fp8_table_dtype(tuple(block_shape) if block_shape is not None else None) if fp8 else None
     gemm1, gemm2, variant, chosen = _select_configs(hidden_states, w1, topk, variant, config, down_config,
-                                                    deterministic, fp8_block)
+                                                    deterministic, quant)
     switches = chosen if switches is None else _given_switches(switches, gemm1, gemm2)
 
     topk_ids = topk_ids.contiguous()

@@ -32,13 +32,15 @@ from typing import Any, Iterable, Mapping
 from .configs import default_config
 from .device import DeviceInfo, device_key, local_device, shared_memory_for_capability
 from .errors import TableError
-from .tables import Table, dtype_name, read_record, table_file_name
+from .tables import Table, TableDtype, read_record, table_file_name
 from .types import OFF, LaunchConfig, Switches, Variant
 
 ENV_CONFIG_DIR = "MOETUNE_CONFIG_DIR"
 ENV_STRICT = "MOETUNE_STRICT"
 ENV_DETERMINISTIC = "MOETUNE_DETERMINISTIC"
 DEFAULT_SOURCE = "default heuristic"
+# The default heuristic's largest K tile for per-tensor fp8 (block fp8: block_k).
+FP8_DEFAULT_MAX_BLOCK_K = 128
 
 # Origins of a table, in lookup order.
 FROM_ENV = ENV_CONFIG_DIR
@@ -92,6 +94,7 @@ class _ShapeSource:
     N: int
     K: int
     topk: int
+    dtype: TableDtype
     table: Table | None
     path: str | None
     wanted: Variant | None  # None: the table's winner
@@ -100,7 +103,7 @@ class _ShapeSource:
     def select(self, M: int) -> Selection:
         if self.table is None:
             return default_selection(self.E, self.N, self.K, self.topk, M, self.wanted or Variant.UNFUSED,
-                                     shared_memory_bytes=self.shared_memory_bytes)
+                                     shared_memory_bytes=self.shared_memory_bytes, dtype=self.dtype)
         selection = pick(self.table, M, self.wanted, self.path)
         if selection.source == DEFAULT_SOURCE:
             warn_once(f"novariant:{self.path}:{self.wanted}",
@@ -128,24 +131,30 @@ def clear_cache() -> None:
 
 def get_config(E: int, N: int, K: int, topk: int, dtype: Any, M: int, *, variant: str | Variant | None = None,
                device: str | DeviceInfo | None = None, deterministic: bool | None = None,
-               strict: bool | None = None) -> Selection:
+               strict: bool | None = None, block_shape: Any = None) -> Selection:
     """Launch configs of both GEMMs for M tokens of one MoE shape.
 
-    dtype: "bf16"/"fp16"/"fp32" or the torch dtype. variant: None picks the table's winner;
+    dtype: "bf16"/"fp16"/"fp32" or the torch dtype; "fp8_w8a8" (or torch.float8_e4m3fn, or
+    a tables.TableDtype) for fp8 weights, with their block_shape [block_n, block_k] (None:
+    per-tensor scales); an fp8 layer without a table of its block shape gets the default
+    heuristic, its K tile within one scale block. variant: None picks the table's winner;
     "unfused"/"fused" forces one (the default heuristic serves either when no table has it).
     device: a device name or key, None for this machine.
     deterministic (default: MOETUNE_DETERMINISTIC=1) never picks the atomic "fused" variant.
     strict (default: MOETUNE_STRICT=1) raises TableError on a bad table instead of skipping it.
     """
-    key = (E, N, K, topk, dtype, M, variant, device, deterministic, strict)
+    if isinstance(block_shape, list):
+        block_shape = tuple(block_shape)  # a cache key
+    key = (E, N, K, topk, dtype, block_shape, M, variant, device, deterministic, strict)
     selection = _selections.get(key)
     if selection is None:
         # A new M of a known shape reads no environment, device or folder again: only the pick.
         tokens = _whole_number("M", M, 0)
-        shape_key = (E, N, K, topk, dtype, variant, device, deterministic, strict)
+        shape_key = key[:6] + key[7:]
         source = _sources.get(shape_key)
         if source is None:
-            source = _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict)
+            source = _find_source(E, N, K, topk, TableDtype.of(dtype, block_shape), variant, device, deterministic,
+                                  strict)
             _sources[shape_key] = source
         selection = source.select(tokens)
         _selections[key] = selection
@@ -308,11 +317,10 @@ def _variant(variant: Any) -> Variant | None:
         raise ValueError(f"variant must be one of {', '.join(v.value for v in Variant)} or None, got {variant!r}") from None
 
 
-def _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict) -> _ShapeSource:
+def _find_source(E, N, K, topk, dtype: TableDtype, variant, device, deterministic, strict) -> _ShapeSource:
     E, N, K = _whole_number("E", E, 1), _whole_number("N", N, 1), _whole_number("K", K, 1)
     topk = _whole_number("topk", topk, 1)
     variant = _variant(variant)
-    dtype = dtype_name(dtype)
     strict = env_flag(ENV_STRICT) if strict is None else bool(strict)
     deterministic = env_flag(ENV_DETERMINISTIC) if deterministic is None else bool(deterministic)
     if deterministic and variant is Variant.FUSED:
@@ -338,14 +346,14 @@ def _find_source(E, N, K, topk, dtype, variant, device, deterministic, strict) -
                 f"{table.device.name} (same compute capability)",
             )
         _warn_if_other_triton(table, candidate.path)
-        return _ShapeSource(E, N, K, topk, table, str(candidate.path), wanted, target.shared_memory_bytes)
+        return _ShapeSource(E, N, K, topk, dtype, table, str(candidate.path), wanted, target.shared_memory_bytes)
 
     warn_once(
         f"default:{target.key}:{file_name}",
         f"no tuned table for {shape} on {target.name}; using the default heuristic. "
         f"Tune this shape with: {tune_command(target.name, E, N, K, topk, dtype)}",
     )
-    return _ShapeSource(E, N, K, topk, None, None, wanted, target.shared_memory_bytes)
+    return _ShapeSource(E, N, K, topk, dtype, None, None, wanted, target.shared_memory_bytes)
 
 
 def pick(table: Table | Mapping, M: int, variant: str | Variant | None, source: str) -> Selection:
@@ -367,23 +375,37 @@ def pick(table: Table | Mapping, M: int, variant: str | Variant | None, source: 
         if not having:
             shape = table.shape
             return default_selection(shape.E, shape.N, shape.K, shape.topk, M, variant,
-                                     shared_memory_bytes=table.device.shared_memory_bytes)
+                                     shared_memory_bytes=table.device.shared_memory_bytes, dtype=shape.table_dtype)
         batch_size = nearest_batch_size(having, M)
     chosen = entries[batch_size].variants[variant]
     return Selection(chosen.gemm1, chosen.gemm2, variant, source, batch_size, chosen.switches)
 
 
 def default_selection(E: int, N: int, K: int, topk: int, M: int, variant: str | Variant = Variant.UNFUSED, *,
-                      shared_memory_bytes: int | None = None) -> Selection:
+                      shared_memory_bytes: int | None = None, dtype: Any = None) -> Selection:
     """The default heuristic's configs, for either variant (both GEMMs get the same config)."""
-    config = LaunchConfig.from_json(default_config(M, E, N, K, topk, shared_memory_bytes=shared_memory_bytes))
+    config = default_launch_config(M, E, N, K, topk, dtype, shared_memory_bytes=shared_memory_bytes)
     return Selection(config, config, Variant(variant), DEFAULT_SOURCE, None)
 
 
-def tune_command(device_name: str, E: int, N: int, K: int, topk: int, dtype: str) -> str:
+def default_launch_config(M: int, E: int, N: int, K: int, topk: int, dtype: Any = None, *,
+                          shared_memory_bytes: int | None = None) -> LaunchConfig:
+    """configs.default_config; for fp8 (dtype as TableDtype.of takes it) its K tile cut to lie
+    within one scale block (per tensor: at most FP8_DEFAULT_MAX_BLOCK_K)."""
+    config = LaunchConfig.from_json(default_config(M, E, N, K, topk, shared_memory_bytes=shared_memory_bytes))
+    table_dtype = TableDtype.of(dtype) if dtype is not None else None
+    if table_dtype is not None and table_dtype.fp8:
+        config = config.replace(block_k=min(config.block_k, table_dtype.max_block_k or FP8_DEFAULT_MAX_BLOCK_K))
+    return config
+
+
+def tune_command(device_name: str, E: int, N: int, K: int, topk: int, dtype: Any) -> str:
+    table_dtype = TableDtype.of(dtype)
+    block = table_dtype.block_shape
     return (
         f"moetune run --gpu {shlex.quote(device_name)} --E {E} --topk {topk} "
-        f"--hidden {K} --intermediate {N} --dtype {dtype}"
+        f"--hidden {K} --intermediate {N} --dtype {table_dtype.name}"
+        + (f" --block-shape {block[0]},{block[1]}" if block else "")
     )
 
 

@@ -23,7 +23,8 @@ import torch
 
 from .bench import (LayerInputs, adaptive_time_us, cuda_graph_time_us, interleaved_times, make_layer_inputs, on_gpu,
                     wall_time_us)
-from .layer import align_for, run_aligned
+from .layer import Fp8Weights, align_for, run_aligned
+from .quant import fp8_moe_reference, fp8_tolerance
 from .reference import TOLERANCE, moe_reference, relative_error
 
 Run = Callable[[], torch.Tensor]
@@ -71,12 +72,14 @@ def _json_config(config) -> Mapping[str, int]:
 
 
 class LayerCase:
-    """One batch size of one shape: the layer's inputs, an output buffer and the reference."""
+    """One batch size of one shape: the layer's inputs, an output buffer and the reference.
+    fp8: the scales of fp8 weights; the reference then quantizes as the kernels do."""
 
-    def __init__(self, inputs: LayerInputs) -> None:
+    def __init__(self, inputs: LayerInputs, fp8: Fp8Weights | None = None) -> None:
         self.inputs = inputs
+        self.fp8 = fp8
         self.out = torch.empty_like(inputs.x)
-        self.tolerance = TOLERANCE[inputs.x.dtype]
+        self.tolerance = TOLERANCE[inputs.x.dtype] if fp8 is None else fp8_tolerance(fp8.block_shape)
         self._aligned: dict[tuple[int, int], tuple] = {}  # (GEMM 1, GEMM 2 BLOCK_SIZE_M) -> alignments
 
     @classmethod
@@ -96,6 +99,9 @@ class LayerCase:
     def reference(self) -> torch.Tensor:
         """The layer in float64; a case that is only timed never computes it."""
         inputs = self.inputs
+        if self.fp8 is not None:
+            return fp8_moe_reference(inputs.x, inputs.w1, inputs.w2, self.fp8.w1_scale, self.fp8.w2_scale,
+                                     inputs.topk_weights, inputs.topk_ids, self.fp8.block_shape)
         return moe_reference(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids)
 
     def layer(self, variant: str, gemm1, gemm2, *, with_alignment: bool = False,
@@ -112,7 +118,8 @@ class LayerCase:
 
         def aligned_run(aligned1, aligned2) -> torch.Tensor:
             return run_aligned(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, aligned1,
-                               aligned2, gemm1, gemm2, variant=variant, out=self.out, atomic_sem=atomic_sem)
+                               aligned2, gemm1, gemm2, variant=variant, out=self.out, atomic_sem=atomic_sem,
+                               fp8=self.fp8)
 
         if with_alignment:
             return lambda: aligned_run(*align_for(inputs.topk_ids, num_experts, gemm1, gemm2))

@@ -31,6 +31,9 @@ HIDDEN_FIELDS = ("hidden_size",)
 INTERMEDIATE_FIELDS = ("moe_intermediate_size", "intermediate_size")  # Qwen/DeepSeek also list a dense size
 
 PRESET_KEYS = ("experts", "topk", "hidden", "intermediate", "renormalize", "num_layers")
+# A preset's published quantization, when its weights ship quantized (else bf16).
+QUANT_KEYS = ("dtype", "block_shape")
+FP8_W8A8 = "fp8_w8a8"  # tables.FP8_W8A8; shapes.py imports no torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class MoEShape:
     name: str | None = None  # preset name if any
     renormalize: bool = True  # norm_topk_prob of the model
     num_layers: int | None = None  # MoE layers in the model (for prefill benchmarks)
+    # The published weights' quantization: "fp8_w8a8" with its scale blocks (None: one
+    # scale per expert); dtype None for bf16 weights. `moetune run` tunes it by default.
+    dtype: str | None = None
+    block_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for field in ("E", "N", "K", "topk"):
@@ -85,6 +92,11 @@ def _presets_from_file() -> tuple[MoEShape, ...]:
         missing = [key for key in PRESET_KEYS if key not in entry]
         if missing:
             raise ValueError(f"{PRESETS_PATH}: preset {name!r} is missing {', '.join(missing)}")
+        dtype, block = entry.get("dtype"), entry.get("block_shape")
+        if dtype not in (None, FP8_W8A8) or (block is not None and (dtype is None or not isinstance(block, list)
+                                                                     or len(block) != 2)):
+            raise ValueError(f"{PRESETS_PATH}: preset {name!r}: dtype must be {FP8_W8A8} (block_shape [BN, BK]) "
+                             f"or absent, got {dtype!r} {block!r}")
         shapes.append(
             MoEShape(
                 E=entry["experts"],
@@ -94,6 +106,8 @@ def _presets_from_file() -> tuple[MoEShape, ...]:
                 name=str(name),
                 renormalize=bool(entry["renormalize"]),
                 num_layers=entry["num_layers"],
+                dtype=dtype,
+                block_shape=tuple(block) if block is not None else None,
             )
         )
     return tuple(shapes)
@@ -114,9 +128,13 @@ def get_preset(name: str, tp_size: int = 1) -> MoEShape:
 
 
 def presets_matching(E: int, topk: int) -> list[MoEShape]:
-    """Presets with this expert count and top-k, sorted by name."""
+    """Presets with this expert count and top-k, sorted by name; a shape that two presets
+    share (a model and its FP8 release) once, under the first name."""
     matches = [shape for shape in load_presets().values() if shape.E == E and shape.topk == topk]
-    return sorted(matches, key=lambda shape: (shape.name or "").lower())
+    unique: dict[tuple[int, int, int, int], MoEShape] = {}
+    for shape in sorted(matches, key=lambda shape: (shape.name or "").lower()):
+        unique.setdefault((shape.E, shape.N, shape.K, shape.topk), shape)
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------- Hugging Face configs
@@ -179,8 +197,24 @@ def from_hf_config(path: str | Path, tp_size: int = 1) -> MoEShape:
 
     name_or_path = config.get("_name_or_path")
     name = name_or_path.rstrip("/").split("/")[-1] if isinstance(name_or_path, str) and name_or_path.strip("/") else None
-    shape = MoEShape(E=E, N=N, K=K, topk=topk, name=name, renormalize=renormalize, num_layers=num_layers)
+    shape = MoEShape(E=E, N=N, K=K, topk=topk, name=name, renormalize=renormalize, num_layers=num_layers,
+                     **_published_quantization(config, path))
     return split_for_tp(shape, tp_size)
+
+
+def _published_quantization(config: Mapping[str, Any], path: Path) -> dict:
+    """dtype and block_shape of an fp8 checkpoint's quantization_config (quant_method "fp8",
+    weight_block_size [128, 128] or none: per tensor); nothing for other checkpoints."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        return {}
+    block = quantization.get("weight_block_size")
+    if block is None:
+        return {"dtype": FP8_W8A8}
+    if not isinstance(block, list) or len(block) != 2 or not all(_is_int(v) and v > 0 for v in block):
+        raise UsageError(f"model config {path}: quantization_config.weight_block_size must be [block_n, block_k], "
+                         f"got {block!r}")
+    return {"dtype": FP8_W8A8, "block_shape": (block[0], block[1])}
 
 
 # ---------------------------------------------------------------- command-line flags

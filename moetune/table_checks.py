@@ -19,8 +19,9 @@ from typing import Any, Mapping
 
 from .device import CPU_KEY, device_key
 from .errors import TableError
-from .tables import (DTYPES, MAX_BATCH_SIZE, READABLE_SCHEMA_VERSIONS, SHAPE_INT_KEYS, TIME_KEYS, VARIANTS, BatchRecord, Table,
-                     TableDevice, TableShape, VariantRecord)
+from .quant import check_block_shape
+from .tables import (FP8_W8A8, MAX_BATCH_SIZE, READABLE_SCHEMA_VERSIONS, SHAPE_INT_KEYS, TABLE_DTYPES, TIME_KEYS,
+                     VARIANTS, BatchRecord, Table, TableDevice, TableShape, VariantRecord)
 from .types import CONFIG_KEYS, KNOWN_FOREIGN_KEYS, OFF, LaunchConfig, Switches, SwitchError, Variant, value_problem
 
 _short_repr = reprlib.Repr()
@@ -41,6 +42,7 @@ class _Checker:
         self.kind = kind
         self.device: TableDevice | None = None  # set once known: configs must fit it
         self.dtype_bytes = 2
+        self.block_shape: tuple[int, int] | None = None  # block fp8: BLOCK_SIZE_K must divide block_k
 
     def fail(self, path: str, problem: str) -> TableError:
         where = f"{path}: " if path else ""
@@ -96,6 +98,10 @@ class _Checker:
             problem = config.fit_problem(self.dtype_bytes, self.device.shared_memory_bytes, weight_tiles)
             if problem is not None:
                 raise self.fail(path, f"does not fit {self.device.name}: {problem}")
+        if self.block_shape is not None and self.block_shape[1] % config.block_k:
+            raise self.fail(f"{path}.BLOCK_SIZE_K", f"must divide block_k {self.block_shape[1]} of the fp8 block shape "
+                                                    f"{list(self.block_shape)} (a K tile lies within one scale "
+                                                    f"block), got {config.block_k}")
         return config
 
 
@@ -177,9 +183,19 @@ def _check_shape(check: _Checker, shape: Any) -> TableShape:
     if sizes["topk"] > sizes["E"]:
         raise check.fail("shape.topk", f"must not exceed E={sizes['E']}, got {sizes['topk']}")
     dtype = check.field(shape, "dtype", "shape")
-    if dtype not in DTYPES:
-        raise check.fail("shape.dtype", f"must be one of {', '.join(DTYPES)}, got {_short(dtype)}")
-    return TableShape(**sizes, dtype=dtype, extra=_extra(shape, (*SHAPE_INT_KEYS, "dtype")))
+    if dtype not in TABLE_DTYPES:
+        raise check.fail("shape.dtype", f"must be one of {', '.join(TABLE_DTYPES)}, got {_short(dtype)}")
+    block = shape.get("block_shape")
+    if block is not None:
+        if dtype != FP8_W8A8:
+            raise check.fail("shape.block_shape", f"is for dtype {FP8_W8A8} only, not {dtype}")
+        try:
+            block = check_block_shape(block)
+        except ValueError:
+            raise check.fail("shape.block_shape", f"must be [block_n, block_k], two powers of two >= 16, "
+                                                  f"got {_short(block)}") from None
+    return TableShape(**sizes, dtype=dtype, block_shape=block,
+                      extra=_extra(shape, (*SHAPE_INT_KEYS, "dtype", "block_shape")))
 
 
 def _check_switches(check: _Checker, variant: Mapping, path: str) -> Switches:
@@ -246,7 +262,7 @@ def _check_table(check: _Checker, data: Any) -> Table:
     shape = _check_shape(check, check.field(data, "shape", ""))
     search = dict(check.mapping(check.field(data, "search", ""), "search"))
     # The same rules the tuner prunes with, against the device the table is for.
-    check.device, check.dtype_bytes = device, shape.dtype_bytes
+    check.device, check.dtype_bytes, check.block_shape = device, shape.dtype_bytes, shape.block_shape
     batch_sizes = _check_batch_sizes(check, check.field(data, "batch_sizes", ""))
     extra = _extra(data, ("schema_version", "device", "versions", "created", "shape", "search", "batch_sizes"))
     return Table(device, versions, created, shape, search, batch_sizes, extra)

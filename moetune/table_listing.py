@@ -53,4 +53,5 @@ def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
 
 
 def shape_order(name: str) -> tuple:
-    return parse_table_file_name(name) or (0, 0, 0, 0, name)
+    key = parse_table_file_name(name)
+    return (0, 0, 0, 0, name, ()) if key is None else (*key[:5], key.block_shape or ())  # per tensor first

@@ -1,5 +1,9 @@
 """The tuned-config table: one JSON file per (device, MoE shape, dtype), schema version 2 (version 1 still reads).
 
+The dtype is a TableDtype: an activation dtype (bf16, fp16, fp32), or fp8_w8a8 with its
+weight scale blocks (block_shape, None for per-tensor scales), named in the file name as
+vLLM names its files: `E=256,N=256,K=7168,topk=8,dtype=fp8_w8a8,block_shape=[128,128].json`.
+
 This module owns the table record (`Table`, `BatchRecord`, `VariantRecord`), its one
 definition: naming table files, reading them (within files.read_json's size and nesting
 limits), writing them atomically, and merging a new tuning run into an old table. Every
@@ -15,19 +19,22 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from .device import DeviceInfo, shared_memory_for_capability
 from .errors import TableError
 from .files import folder_lock, read_json, write_atomic  # noqa: F401 - write_atomic: others write through tables
+from .quant import FP8_DTYPE, check_block_shape
 from .types import OFF, LaunchConfig, Switches, Variant
 
 # Version 2 added each variant's kernel switches; version 1 tables read as all switches off.
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("bf16", "fp16", "fp32")  # activation dtypes, weights of the same
+FP8_W8A8 = "fp8_w8a8"  # fp8 e4m3 weights and activations, outputs in the activation dtype
+TABLE_DTYPES = (*DTYPES, FP8_W8A8)
 VARIANTS = tuple(variant.value for variant in Variant)
 TIME_KEYS = ("gemm1_us", "gemm2_us", "layer_us")
 SHAPE_INT_KEYS = ("E", "N", "K", "topk")
@@ -41,7 +48,8 @@ _DTYPE_ALIASES = {
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _TABLE_FILE_NAME = re.compile(
-    r"^E=(?P<E>\d+),N=(?P<N>\d+),K=(?P<K>\d+),topk=(?P<topk>\d+),dtype=(?P<dtype>\w+)\.json$"
+    r"^E=(?P<E>\d+),N=(?P<N>\d+),K=(?P<K>\d+),topk=(?P<topk>\d+),dtype=(?P<dtype>\w+)"
+    r"(?:,block_shape=\[(?P<block_n>\d+),(?P<block_k>\d+)\])?\.json$"
 )
 
 
@@ -56,20 +64,93 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def table_file_name(E: int, N: int, K: int, topk: int, dtype: Any) -> str:
-    return f"E={E},N={N},K={K},topk={topk},dtype={dtype_name(dtype)}.json"
+@dataclass(frozen=True)
+class TableDtype:
+    """What a table's configs run: an activation dtype ("bf16", "fp16", "fp32") with weights
+    of the same, or "fp8_w8a8" (fp8 e4m3 weights, activations quantized to fp8 on the fly,
+    outputs in the activation dtype) with the weights' scale blocks, block_shape
+    (block_n, block_k), or None for one scale per expert. str() is the file name's part
+    after "dtype=" (vLLM's spelling: `fp8_w8a8,block_shape=[128,128]`)."""
+
+    name: str
+    block_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in TABLE_DTYPES:
+            raise ValueError(f"unsupported table dtype {self.name!r}: expected one of {', '.join(TABLE_DTYPES)}")
+        if self.block_shape is not None:
+            if self.name != FP8_W8A8:
+                raise ValueError(f"block_shape {self.block_shape!r} is for {FP8_W8A8} only, not {self.name}")
+            object.__setattr__(self, "block_shape", check_block_shape(tuple(self.block_shape)))
+
+    @classmethod
+    def of(cls, dtype: Any, block_shape: Any = None) -> TableDtype:
+        """A TableDtype, a dtype name or alias ("fp8_w8a8" included), or a torch dtype
+        (float8_e4m3fn: fp8 weights), with the block shape of fp8 weights."""
+        if isinstance(dtype, TableDtype):
+            if block_shape is not None and check_block_shape(tuple(block_shape)) != dtype.block_shape:
+                raise ValueError(f"block_shape {list(block_shape)} differs from that of dtype {dtype}")
+            return dtype
+        if dtype is FP8_DTYPE or (isinstance(dtype, str) and dtype.strip().lower() == FP8_W8A8):
+            return cls(FP8_W8A8, block_shape)
+        if block_shape is not None:
+            raise ValueError(f"block_shape is for {FP8_W8A8} only, not {dtype!r}")
+        return cls(dtype_name(dtype))
+
+    @property
+    def fp8(self) -> bool:
+        return self.name == FP8_W8A8
+
+    @property
+    def operand_bytes(self) -> int:
+        """Bytes per element of the GEMMs' operands, as the shared-memory rule counts them."""
+        return 1 if self.fp8 else TORCH_DTYPES[self.name].itemsize
+
+    @property
+    def max_block_k(self) -> int | None:
+        """The largest BLOCK_SIZE_K a config may have: a K tile lies within one scale block
+        (None: any). Every config of a block-fp8 table must divide block_k."""
+        return self.block_shape[1] if self.block_shape is not None else None
+
+    def __str__(self) -> str:
+        if self.block_shape is None:
+            return self.name
+        return f"{self.name},block_shape=[{self.block_shape[0]},{self.block_shape[1]}]"
 
 
-def parse_table_file_name(name: str) -> tuple[int, int, int, int, str] | None:
-    """(E, N, K, topk, dtype) of a table file name, or None when the name is not one."""
+class TableKey(NamedTuple):
+    """What a table file name says: the shape and the dtype (block_shape None unless block fp8)."""
+
+    E: int
+    N: int
+    K: int
+    topk: int
+    dtype: str
+    block_shape: tuple[int, int] | None = None
+
+
+def table_file_name(E: int, N: int, K: int, topk: int, dtype: Any, block_shape: Any = None) -> str:
+    """The one place table files are named; `dtype` as TableDtype.of takes it."""
+    return f"E={E},N={N},K={K},topk={topk},dtype={TableDtype.of(dtype, block_shape)}.json"
+
+
+def parse_table_file_name(name: str) -> TableKey | None:
+    """What a table file name says, or None when the name is not one."""
     match = _TABLE_FILE_NAME.match(name)
-    if match is None or match["dtype"] not in DTYPES:
+    if match is None:
         return None
-    return int(match["E"]), int(match["N"]), int(match["K"]), int(match["topk"]), match["dtype"]
+    block = (int(match["block_n"]), int(match["block_k"])) if match["block_n"] else None
+    try:
+        dtype = TableDtype(match["dtype"], block)
+    except ValueError:
+        return None
+    return TableKey(int(match["E"]), int(match["N"]), int(match["K"]), int(match["topk"]), dtype.name,
+                    dtype.block_shape)
 
 
-def table_path(root: str | os.PathLike, device_key: str, E: int, N: int, K: int, topk: int, dtype: Any) -> Path:
-    return Path(root) / device_key / table_file_name(E, N, K, topk, dtype)
+def table_path(root: str | os.PathLike, device_key: str, E: int, N: int, K: int, topk: int, dtype: Any,
+               block_shape: Any = None) -> Path:
+    return Path(root) / device_key / table_file_name(E, N, K, topk, dtype, block_shape)
 
 
 def running_versions() -> dict[str, str]:
@@ -157,21 +238,31 @@ class TableDevice:
 
 @dataclass(frozen=True)
 class TableShape:
-    """The MoE shape and activation dtype a table is for."""
+    """The MoE shape and dtype a table is for (block_shape: fp8 weights' scale blocks)."""
 
     E: int
     N: int
     K: int
     topk: int
     dtype: str
+    block_shape: tuple[int, int] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, E: int, N: int, K: int, topk: int, dtype: Any, block_shape: Any = None) -> TableShape:
+        table_dtype = TableDtype.of(dtype, block_shape)
+        return cls(E, N, K, topk, table_dtype.name, table_dtype.block_shape)
+
+    @property
+    def table_dtype(self) -> TableDtype:
+        return TableDtype(self.dtype, self.block_shape)
 
     @property
     def dtype_bytes(self) -> int:
-        return TORCH_DTYPES[self.dtype].itemsize
+        return self.table_dtype.operand_bytes
 
-    def key(self) -> tuple[int, int, int, int, str]:
-        return self.E, self.N, self.K, self.topk, self.dtype
+    def key(self) -> TableKey:
+        return TableKey(self.E, self.N, self.K, self.topk, self.dtype, self.block_shape)
 
     def file_name(self) -> str:
         return table_file_name(*self.key())
@@ -180,7 +271,8 @@ class TableShape:
         return self.file_name().removesuffix(".json")
 
     def to_json(self) -> dict:
-        return {"E": self.E, "N": self.N, "K": self.K, "topk": self.topk, "dtype": self.dtype, **self.extra}
+        block = {"block_shape": list(self.block_shape)} if self.block_shape is not None else {}
+        return {"E": self.E, "N": self.N, "K": self.K, "topk": self.topk, "dtype": self.dtype, **block, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -225,9 +317,10 @@ class Table:
         return replace(newer, batch_sizes=dict(sorted({**self.batch_sizes, **newer.batch_sizes}.items())))
 
 
-def new_table(device: DeviceInfo, E: int, N: int, K: int, topk: int, dtype: Any, search: dict) -> dict:
+def new_table(device: DeviceInfo, E: int, N: int, K: int, topk: int, dtype: Any, search: dict,
+              block_shape: Any = None) -> dict:
     """The JSON form of an empty table for one shape; the tuner fills `batch_sizes`."""
-    return Table.new(device, TableShape(E, N, K, topk, dtype_name(dtype)), search).to_json()
+    return Table.new(device, TableShape.of(E, N, K, topk, dtype, block_shape), search).to_json()
 
 
 def checked_config(config: Any, source: str, path: str, kind: str = "table") -> dict[str, int]:
@@ -290,10 +383,11 @@ def merge_tables(old: Table | Mapping, new: Table | Mapping) -> dict:
 def record_batch(path: str | os.PathLike, device: DeviceInfo, E: int, N: int, K: int, topk: int, dtype: Any,
                  M: int, record: BatchRecord, search: Mapping[str, Any]) -> Table:
     """Merge one batch size's record into the table at `path` (created when absent) and
-    write it atomically; returns the table written. The header (versions, created, search)
-    becomes this run's; a bad existing table is a TableError and is left as it is."""
+    write it atomically; returns the table written. dtype: as TableDtype.of takes it. The
+    header (versions, created, search) becomes this run's; a bad existing table is a
+    TableError and is left as it is."""
     path = Path(path)
-    update = Table.new(device, TableShape(E, N, K, topk, dtype_name(dtype)), search, {M: record})
+    update = Table.new(device, TableShape.of(E, N, K, topk, dtype), search, {M: record})
     with folder_lock(path.parent):
         table = read_record(path).merge(update) if os.path.lexists(path) else update
         write_table(path, table)

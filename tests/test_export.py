@@ -2,7 +2,8 @@
 
 tests/data/ holds real files, copied unchanged: `sglang-0.5.23/triton_3_7_1/` from the sglang 0.5.23
 wheel (sglang/srt/layers/moe/moe_runner/triton_utils/configs/triton_3_7_1/; one entry lacks
-num_warps/num_stages and the _down file has USE_TMA), and `vllm-0.33.0/` from the vLLM 0.33.0 wheel
+num_warps/num_stages and the _down file has USE_TMA), fp8 files of the same wheel in `triton_3_6_0/`
+(block 128 x 128, with _down) and `triton_3_1_0/` (per tensor), and `vllm-0.33.0/` from the vLLM 0.33.0 wheel
 (vllm/model_executor/layers/fused_moe/configs/).
 """
 
@@ -309,7 +310,7 @@ def test_import_a_folder_skips_other_files(tmp_path, monkeypatch, capsys):
     status, stdout, err = run_cli(monkeypatch, capsys, "import", source, "--out", tmp_path / "out")
     assert status == 0, err
     assert "skipped" in stdout and "notes.json" in stdout
-    assert len(list((tmp_path / "out").rglob("*.json"))) == 3
+    assert len(list((tmp_path / "out").rglob("*.json"))) == 6
 
 
 @pytest.mark.parametrize("format", ["vllm", "sglang"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,6 +32,9 @@ EXPECTED_PRESETS = {
     "DeepSeek-V3": (256, 8, 7168, 2048, True, 58),
     "OLMoE-1B-7B": (64, 8, 2048, 1024, False, 16),
 }
+# FP8 releases: their model's shape, published with 128 x 128 block fp8 weights.
+EXPECTED_FP8_PRESETS = {"Qwen3-30B-A3B-FP8": "Qwen3-30B-A3B", "Qwen3-235B-A22B-FP8": "Qwen3-235B-A22B",
+                        "DeepSeek-V3-FP8": "DeepSeek-V3"}
 
 MIXTRAL_CONFIG = {
     "architectures": ["MixtralForCausalLM"],
@@ -103,16 +107,19 @@ def test_shape_rejects_impossible_values(fields):
 
 def test_every_preset_value():
     presets = load_presets()
-    assert set(presets) == set(EXPECTED_PRESETS)
+    assert set(presets) == set(EXPECTED_PRESETS) | set(EXPECTED_FP8_PRESETS)
     for name, (E, topk, hidden, intermediate, renormalize, layers) in EXPECTED_PRESETS.items():
         assert presets[name] == MoEShape(
             E=E, N=intermediate, K=hidden, topk=topk, name=name, renormalize=renormalize, num_layers=layers
         ), name
+    for name, model in EXPECTED_FP8_PRESETS.items():
+        expected = dataclasses.replace(presets[model], name=name, dtype="fp8_w8a8", block_shape=(128, 128))
+        assert presets[name] == expected, name
 
 
 def test_load_presets_returns_a_fresh_dict():
     load_presets().clear()
-    assert len(load_presets()) == len(EXPECTED_PRESETS)
+    assert len(load_presets()) == len(EXPECTED_PRESETS) + len(EXPECTED_FP8_PRESETS)
 
 
 @pytest.mark.parametrize("spelling", ["qwen3-30b-a3b", "QWEN3-30B-A3B", "Qwen3-30B-A3B", " qwen3-30B-a3b "])

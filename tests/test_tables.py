@@ -89,9 +89,25 @@ def test_file_name_and_path(tmp_path):
     assert table_file_name(8, 14336, 4096, 2, torch.float16) == "E=8,N=14336,K=4096,topk=2,dtype=fp16.json"
     path = table_path(tmp_path, "NVIDIA_H200", 128, 768, 2048, 8, torch.bfloat16)
     assert path == tmp_path / "NVIDIA_H200" / "E=128,N=768,K=2048,topk=8,dtype=bf16.json"
-    assert parse_table_file_name(path.name) == (128, 768, 2048, 8, "bf16")
+    assert parse_table_file_name(path.name) == (128, 768, 2048, 8, "bf16", None)
     assert parse_table_file_name("E=128,N=768,device_name=NVIDIA_H200.json") is None
     assert parse_table_file_name("E=1,N=2,K=3,topk=1,dtype=int8.json") is None
+
+
+def test_fp8_file_names_round_trip():
+    block = "E=256,N=256,K=7168,topk=8,dtype=fp8_w8a8,block_shape=[128,128].json"  # vLLM's spelling
+    assert table_file_name(256, 256, 7168, 8, "fp8_w8a8", [128, 128]) == block
+    assert table_file_name(256, 256, 7168, 8, torch.float8_e4m3fn, (128, 128)) == block
+    assert parse_table_file_name(block) == (256, 256, 7168, 8, "fp8_w8a8", (128, 128))
+    per_tensor = "E=8,N=64,K=64,topk=2,dtype=fp8_w8a8.json"
+    assert table_file_name(*parse_table_file_name(per_tensor)) == per_tensor
+    assert parse_table_file_name(per_tensor).block_shape is None
+    for bad in ("E=1,N=2,K=3,topk=1,dtype=bf16,block_shape=[128,128].json",  # blocks are fp8's
+                "E=1,N=2,K=3,topk=1,dtype=fp8_w8a8,block_shape=[128, 128].json",  # SGLang's spelling
+                "E=1,N=2,K=3,topk=1,dtype=fp8_w8a8,block_shape=[100,128].json"):
+        assert parse_table_file_name(bad) is None, bad
+    with pytest.raises(ValueError, match="block_shape"):
+        table_file_name(1, 2, 3, 1, "bf16", [128, 128])
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -478,7 +494,7 @@ def test_record_round_trip():
     table = Table.from_json(as_json(make_table()), "t.json")
     assert table.batch_sizes[1].winner is Variant.FUSED
     assert table.batch_sizes[1].variants[Variant.FUSED].gemm1 == LaunchConfig.from_json(config(n=128))
-    assert table.shape.key() == (128, 768, 2048, 8, "bf16") and table.device.compute_capability == (9, 0)
+    assert table.shape.key() == (128, 768, 2048, 8, "bf16", None) and table.device.compute_capability == (9, 0)
     assert table.to_json() == validate_table(as_json(make_table()), "t.json")
     assert Table.from_json(json.loads(json.dumps(table.to_json())), "again.json") == table
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..device import DeviceInfo
 from ..errors import UsageError
 from ..shapes import DEFAULT_BATCH_SIZES, MoEShape, parse_batch_sizes, resolve_shapes
-from ..tables import TORCH_DTYPES
+from ..tables import FP8_W8A8, TORCH_DTYPES, TableDtype
 from ..tune.storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
 from ..types import Variant
 
@@ -28,12 +28,14 @@ def add_shape_arguments(parser) -> None:
     shape.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size: divides the intermediate size")
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser, gpu_help: str) -> None:
+def add_workload_arguments(parser: argparse.ArgumentParser, gpu_help: str, dtypes=("bf16", "fp16")) -> None:
     """Shape, GPU, dtype and batch sizes: what `run`, `collect` and `compare` all take."""
     add_shape_arguments(parser)
     parser.add_argument("--gpu", default="auto", help=gpu_help)
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp16"),
-                        help="default bf16; fp16 without a GPU (the interpreter has no bf16 atomic add)")
+    fp8 = f"; {FP8_W8A8}: fp8 e4m3 weights and activations (see --block-shape)" if FP8_W8A8 in dtypes else ""
+    parser.add_argument("--dtype", default=None, choices=dtypes,
+                        help=f"default bf16 (or a preset's published quantization); fp16 without a GPU (the "
+                             f"interpreter has no bf16 atomic add){fp8}")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated token counts M (default: " + ",".join(map(str, DEFAULT_BATCH_SIZES)) + ")")
 
@@ -57,7 +59,12 @@ def baseline_folder(text: str | None) -> Path | None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What names a tuning run: `run` and `collect` take these alike."""
-    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)")
+    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)",
+                           dtypes=("bf16", "fp16", FP8_W8A8))
+    parser.add_argument("--block-shape", default=None, metavar="BN,BK",
+                        help=f"with --dtype {FP8_W8A8}: the weights' scale blocks, e.g. 128,128 as DeepSeek-V3 "
+                             f"and the Qwen3 FP8 releases publish them (default: one scale per expert, or a "
+                             f"preset's)")
     parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
     parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
     parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
@@ -83,6 +90,36 @@ def resolve_gpu(requested: str, local: DeviceInfo) -> DeviceInfo:
         return local
     where = f"the local GPU is {local.name!r}" if local.is_gpu else "this machine has no GPU (use --gpu auto or cpu)"
     raise UsageError(f"--gpu {requested!r} does not match: {where}")
+
+
+def resolve_table_dtype(requested: str | None, block_text: str | None, shapes: list[MoEShape], device: DeviceInfo,
+                        atomics: bool) -> tuple[TableDtype, str]:
+    """(what the tables are keyed by, the activations' dtype) from --dtype and --block-shape;
+    without --dtype, the published quantization the shapes' preset carries, if any. An fp8
+    tune's activations are bf16 on a GPU, fp16 in the interpreter."""
+    block = parse_block_shape(block_text) if block_text is not None else None
+    published = {(shape.dtype, shape.block_shape) for shape in shapes}
+    if requested is None and len(published) == 1 and next(iter(published))[0] is not None:
+        requested, preset_block = next(iter(published))
+        block = block or preset_block
+    if requested != FP8_W8A8:
+        if block is not None:
+            raise UsageError(f"--block-shape {block_text} needs --dtype {FP8_W8A8}")
+        dtype = resolve_dtype(requested, device, atomics)
+        return TableDtype.of(dtype), dtype
+    return TableDtype(FP8_W8A8, block), "bf16" if device.is_gpu else "fp16"
+
+
+def parse_block_shape(text: str) -> tuple[int, int]:
+    """--block-shape "128,128": block_n and block_k, powers of two >= 16 as the fp8 kernels take
+    them (a dimension the block does not divide ends in a partial block, as in the checkpoints)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--block-shape {text!r}: expected two positive integers BN,BK, e.g. 128,128")
+    block = (int(parts[0]), int(parts[1]))
+    if any(value < 16 or value & (value - 1) for value in block):
+        raise UsageError(f"--block-shape {text!r}: block_n and block_k must be powers of two >= 16")
+    return block
 
 
 def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> str:

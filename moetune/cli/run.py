@@ -19,7 +19,7 @@ from ..types import Variant
 from ..tune.space import load_space
 from ..tune.workers import device_of, parse_devices, visible_device
 from .flags import (add_run_arguments, baseline_folder, check_memory, check_out_dir, check_storage, parse_variants,
-                    resolve_dtype, resolve_gpu, shapes_and_batch_sizes)
+                    resolve_gpu, resolve_table_dtype, shapes_and_batch_sizes)
 
 # More compile processes than this per GPU only queue for the cores.
 MAX_COMPILE_WORKERS = 256
@@ -64,10 +64,12 @@ def build_settings(args: argparse.Namespace):
         check_storage(args.storage)
     baseline = baseline_folder(args.baseline_configs)
     space = load_space(args.space)
-    dtype = resolve_dtype(args.dtype, device, atomics=Variant.FUSED in variants)
-    check_memory(shapes, batch_sizes, dtype, device, processes=len(devices or [0]))
+    dtype, activations = resolve_table_dtype(args.dtype, args.block_shape, shapes, device,
+                                             atomics=Variant.FUSED in variants)
+    check_memory(shapes, batch_sizes, activations, device, processes=len(devices or [0]))
     workers = compile_workers(args.compile_workers, len(devices or [0]))
-    settings = TuneSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, variants=variants,
+    settings = TuneSettings(shapes=shapes, dtype=dtype, fp8_activations=activations, batch_sizes=batch_sizes,
+                            variants=variants,
                             trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
                             storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
                             compile_workers=workers, progress=not args.no_progress, heartbeat_s=args.heartbeat,

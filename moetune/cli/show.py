@@ -11,7 +11,7 @@ from ..configs import compact_config
 from ..device import CPU_KEY, DeviceInfo, device_key, local_device
 from ..errors import UsageError
 from ..table_listing import FoundTable, find_tables
-from ..tables import dtype_name, parse_table_file_name
+from ..tables import TableDtype, parse_table_file_name
 from ..types import Variant
 
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=_positive_int, help="only tables with this top-k")
     parser.add_argument("--hidden", type=_positive_int, help="only tables with this hidden size K")
     parser.add_argument("--intermediate", type=_positive_int, help="only tables with this intermediate size N")
-    parser.add_argument("--dtype", help="only tables of this dtype (bf16, fp16, fp32)")
+    parser.add_argument("--dtype", help="only tables of this dtype (bf16, fp16, fp32, fp8_w8a8)")
 
 
 def _check_gpu(gpu: str) -> None:
@@ -46,7 +46,7 @@ def _check_gpu(gpu: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    dtype = dtype_name(args.dtype) if args.dtype else None
+    dtype = TableDtype.of(args.dtype).name if args.dtype else None
     if args.gpu is not None:
         _check_gpu(args.gpu)
     with warnings.catch_warnings():  # bad tables are listed below, each in one line
@@ -56,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
     wanted = {"E": args.E, "N": args.intermediate, "K": args.hidden, "topk": args.topk, "dtype": dtype}
 
     def matches(found: FoundTable) -> bool:
-        E, N, K, topk, table_dtype = parse_table_file_name(found.file.path.name)
-        actual = {"E": E, "N": N, "K": K, "topk": topk, "dtype": table_dtype}
+        name = parse_table_file_name(found.file.path.name)
+        actual = {"E": name.E, "N": name.N, "K": name.K, "topk": name.topk, "dtype": name.dtype}
         return all(value is None or actual[key] == value for key, value in wanted.items())
 
     found = [entry for entry in found if matches(entry)]

@@ -7,6 +7,10 @@ The tuner measures three roles per batch size (types.Role):
 and then whole layers (alignment included) for the pairs it keeps. Every candidate runs in
 a whole layer against the float64 reference (computed once per batch size) before its time
 counts; the roles it does not tune run with the default config there.
+
+fp8_w8a8: the weights are quantized once per shape (moetune.quantize_weights), a role's
+activations once per batch size as the layer quantizes them, and the gate compares the layer
+with fp8_moe_reference within quant.FP8_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..bench import adaptive_time_us, make_layer_inputs, make_weights, wall_time_us
-from ..configs import default_config
+from ..bench import LayerInputs, adaptive_time_us, make_layer_inputs, make_routing, make_weights, wall_time_us
 from ..device import torch_device
 from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
 from ..kernels.align import AlignedTokens
+from ..kernels.gemm_operands import Fp8Scales
 from ..kernels.grouped_gemm import GemmGeometry
 from ..kernels.launch import compile_only
+from ..layer import Fp8Weights
+from ..loader import default_launch_config
 from ..measure import LayerCase, check
-from ..reference import TOLERANCE
+from ..quant import FP8_DTYPE, quantize_activations, quantize_weights
 from ..shapes import MoEShape
+from ..tables import TableDtype
 from ..types import LaunchConfig, Role, Variant
 
 # Once this many configs of a role are measured, one slower than CUTOFF_FACTOR times the best
@@ -42,6 +49,7 @@ class RoleOperands(NamedTuple):
     topk_weights: torch.Tensor | None  # GEMM 2 multiplies by the router weight
     a_rows_per_slot: int
     atomic_add: bool
+    fp8: dict  # fp8: grouped_gemm's a_scale, b_scale and block_shape; else empty
 
 
 class CompileRequest(NamedTuple):
@@ -52,29 +60,52 @@ class CompileRequest(NamedTuple):
     a_rows_per_slot: int
     mul_routed_weight: bool
     atomic_add: bool
+    out_dtype: torch.dtype | None = None  # fp8: the activations' dtype
+    block_shape: tuple[int, int] | None = None  # block fp8
+
+    def fp8_arguments(self) -> dict:
+        """compile_grouped_gemm's fp8 keywords (none unless fp8)."""
+        return {"out_dtype": self.out_dtype, "block_shape": self.block_shape} if self.dtype == FP8_DTYPE else {}
 
 
-def role_compile_request(role: Role, M: int, shape: MoEShape, dtype: torch.dtype, block_size_m: int) -> CompileRequest:
+def role_compile_request(role: Role, M: int, shape: MoEShape, dtype: torch.dtype, block_size_m: int,
+                         quant: TableDtype | None = None) -> CompileRequest:
     """What compile_grouped_gemm needs to build the binary a role runs with that
     BLOCK_SIZE_M, from the sizes alone: a tuner can start compiling before it has built the
     batch size's inputs. The operands, on the meta device (shapes and strides, no memory),
     are laid out as BatchBench's:
       gemm1   x [M, K] @ w1 [E, 2N, K] -> gate_up [M*topk, 2N]
       gemm2   activation [M*topk, N] @ w2 [E, K, N] -> down [M*topk, K], or out [M, K] atomically
+    `dtype` is the activations'; with an fp8 `quant` both operands are fp8 with their scales.
     """
     role = Role(role)
     E, N, K, topk = shape.E, shape.N, shape.K, shape.topk
-    meta = functools.partial(torch.empty, dtype=dtype, device="meta")
+    fp8 = quant is not None and quant.fp8
+    operand = functools.partial(torch.empty, dtype=FP8_DTYPE if fp8 else dtype, device="meta")
     rows = M * topk
     atomic_add = role is Role.GEMM2_FUSED
     if role is Role.GEMM1:
-        a, weights, out = meta(M, K), meta(E, 2 * N, K), meta(rows, 2 * N)
+        a, weights, out = operand(M, K), operand(E, 2 * N, K), torch.empty(rows, 2 * N, dtype=dtype, device="meta")
     else:
-        a, weights, out = meta(rows, N), meta(E, K, N), meta(M, K) if atomic_add else meta(rows, K)
-    geometry = gemm_geometry(a, weights, out, max_padded_rows(rows, E, block_size_m), topk, atomic_add)
+        a, weights = operand(rows, N), operand(E, K, N)
+        out = torch.empty(*((M, K) if atomic_add else (rows, K)), dtype=dtype, device="meta")
+    scales = _meta_scales(a, weights, quant.block_shape) if fp8 else None
+    geometry = gemm_geometry(a, weights, out, max_padded_rows(rows, E, block_size_m), topk, atomic_add, fp8=scales)
     # GEMM 1 reads each token's row for all its top-k slots; GEMM 2 weighs by the router weight.
     gemm1 = role is Role.GEMM1
-    return CompileRequest(dtype, geometry, topk, topk if gemm1 else 1, not gemm1, atomic_add)
+    request = CompileRequest(a.dtype, geometry, topk, topk if gemm1 else 1, not gemm1, atomic_add)
+    return request._replace(out_dtype=dtype, block_shape=quant.block_shape) if fp8 else request
+
+
+def _meta_scales(a: torch.Tensor, weights: torch.Tensor, block_shape: tuple[int, int] | None) -> Fp8Scales:
+    """fp8 scales laid out as quant.py lays them out, on the meta device."""
+    meta = functools.partial(torch.empty, dtype=torch.float32, device="meta")
+    if block_shape is None:
+        return Fp8Scales(meta(1), meta(weights.shape[0]))
+    block_n, block_k = block_shape
+    groups = -(-a.shape[1] // block_k)
+    return Fp8Scales(meta(a.shape[0], groups), meta(weights.shape[0], -(-weights.shape[1] // block_n), groups),
+                     block_shape)
 
 
 class HelperRequest(NamedTuple):
@@ -113,27 +144,31 @@ def compile_helpers(request: HelperRequest) -> list:
 
 @dataclass
 class BatchBench:
-    """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device."""
+    """Inputs, buffers and reference of one (shape, dtype, M), on the tuning device.
+    fp8: w1 and w2 are fp8 with these scales, the activations in `activation_dtype`."""
 
     w1: torch.Tensor
     w2: torch.Tensor
     M: int
     topk: int
     seed: int
+    fp8: Fp8Weights | None = None
+    activation_dtype: torch.dtype | None = None  # None: the weights'
 
     def __post_init__(self) -> None:
         self.E, two_n, self.K = self.w1.shape
         self.N = two_n // 2
         self.on_gpu = self.w1.device.type == "cuda"
+        device, dtype = self.w1.device, self.activation_dtype or self.w1.dtype
+        self.dtype = dtype
+        self.quant = TableDtype.of(FP8_DTYPE, self.fp8.block_shape) if self.fp8 is not None else None
         # Separately seeded routings: one to time on, one to check against the reference.
-        self.timed = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed)
-        self.checked = make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=self.seed + 1_000_003)
+        self.timed, self.checked = self._layer_inputs(self.seed), self._layer_inputs(self.seed + 1_000_003)
         # Whole layers are checked and timed by measure.py, as `compare` and check_gpu do.
-        self.timed_case, self.checked_case = LayerCase(self.timed), LayerCase(self.checked)
+        self.timed_case, self.checked_case = LayerCase(self.timed, self.fp8), LayerCase(self.checked, self.fp8)
         self.reference = self.checked_case.reference  # computed now: building a batch size holds it
-        self.default = LaunchConfig.from_json(default_config(self.M, self.E, self.N, self.K, self.topk))
+        self.default = default_launch_config(self.M, self.E, self.N, self.K, self.topk, self.quant)
         rows = self.M * self.topk
-        device, dtype = self.w1.device, self.w1.dtype
         self.gate_up = torch.empty(rows, 2 * self.N, dtype=dtype, device=device)
         # GEMM 2's input, shaped like an activation's values; computed by torch, so that
         # building the inputs launches no kernel of ours (those may still be compiling).
@@ -143,10 +178,24 @@ class BatchBench:
         self.out = torch.empty(self.M, self.K, dtype=dtype, device=device)
         self.alignments: dict[int, AlignedTokens] = {}  # BLOCK_SIZE_M -> the timed routing, aligned
         self.kernels_loaded = False
+        if self.fp8 is not None:
+            # Each GEMM's input quantized once, as the layer quantizes it before that GEMM.
+            group = self.fp8.block_shape[1] if self.fp8.block_shape is not None else None
+            self.quantized = {Role.GEMM1: quantize_activations(self.timed.x, group),
+                              Role.GEMM2_UNFUSED: quantize_activations(self.activation, group)}
+
+    def _layer_inputs(self, seed: int) -> LayerInputs:
+        if self.fp8 is None:
+            return make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=seed)
+        # The tokens in the activations' dtype, the weights fp8: drawn as make_layer_inputs draws them.
+        generator = torch.Generator(device=self.w1.device).manual_seed(seed)
+        x = torch.randn(self.M, self.K, dtype=self.dtype, device=self.w1.device, generator=generator)
+        weights, ids = make_routing(self.M, self.E, self.topk, self.w1.device, generator)
+        return LayerInputs(x, self.w1, self.w2, weights, ids)
 
     @property
     def tolerance(self) -> float:
-        return TOLERANCE[self.w1.dtype]
+        return self.checked_case.tolerance
 
     def synchronize(self) -> None:
         """Wait for the device: after a failed launch, before the next one."""
@@ -175,17 +224,24 @@ class BatchBench:
     # -- one role: its operands decide both what runs and what other processes compile --------
     def _operands(self, role: Role) -> RoleOperands:
         t = self.timed
-        if role is Role.GEMM1:
-            return RoleOperands(t.x, self.w1, self.gate_up, None, self.topk, False)
+        gemm1 = role is Role.GEMM1
+        a = t.x if gemm1 else self.activation
+        fp8 = {}
+        if self.fp8 is not None:
+            a, a_scale = self.quantized[Role.GEMM1 if gemm1 else Role.GEMM2_UNFUSED]
+            fp8 = {"a_scale": a_scale, "b_scale": self.fp8.w1_scale if gemm1 else self.fp8.w2_scale,
+                   "block_shape": self.fp8.block_shape}
+        if gemm1:
+            return RoleOperands(a, self.w1, self.gate_up, None, self.topk, False, fp8)
         if role is Role.GEMM2_UNFUSED:
-            return RoleOperands(self.activation, self.w2, self.down.view(-1, self.K), t.topk_weights, 1, False)
-        return RoleOperands(self.activation, self.w2, self.out, t.topk_weights, 1, True)
+            return RoleOperands(a, self.w2, self.down.view(-1, self.K), t.topk_weights, 1, False, fp8)
+        return RoleOperands(a, self.w2, self.out, t.topk_weights, 1, True, fp8)
 
     def compile_request(self, role: Role, block_size_m: int) -> CompileRequest:
         """What compile_grouped_gemm needs to build, in another process, the binary this role
         runs with that BLOCK_SIZE_M."""
         shape = MoEShape(self.E, self.N, self.K, self.topk)
-        return role_compile_request(role, self.M, shape, self.w1.dtype, block_size_m)
+        return role_compile_request(role, self.M, shape, self.dtype, block_size_m, self.quant)
 
     def role_call(self, role: Role, config: LaunchConfig):
         role = Role(role)
@@ -196,7 +252,7 @@ class BatchBench:
         def gemm():
             grouped_gemm(ops.a, ops.weights, ops.out, aligned, launch, topk=self.topk,
                          a_rows_per_slot=ops.a_rows_per_slot, topk_weights=ops.topk_weights,
-                         atomic_add=ops.atomic_add)
+                         atomic_add=ops.atomic_add, **ops.fp8)
 
         if role is Role.GEMM1:
             return gemm
@@ -255,11 +311,13 @@ class InputCache:
 
     KEEP = 3
 
-    def __init__(self, dtype: torch.dtype, seed: int):
-        self.dtype, self.seed = dtype, seed
+    def __init__(self, dtype: torch.dtype, seed: int, quant: TableDtype | None = None):
+        self.dtype, self.seed = dtype, seed  # dtype: the activations'
+        self.quant = quant if quant is not None and quant.fp8 else None
         self.device = torch_device()
         self.shape: MoEShape | None = None
         self.weights = None
+        self.fp8: Fp8Weights | None = None  # the weights' scales, when fp8
         self.benches: dict[int, BatchBench] = {}  # M -> inputs, least recently used first
 
     def holds(self, shape: MoEShape, M: int) -> bool:
@@ -275,13 +333,18 @@ class InputCache:
             self.weights = None  # free the previous shape's first
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
             self.weights = make_weights(shape.E, shape.N, shape.K, self.dtype, self.device, generator)
+            if self.quant is not None:  # as the fp8 checkpoints store them
+                block = self.quant.block_shape
+                (w1, w1_scale), (w2, w2_scale) = (quantize_weights(w, block) for w in self.weights)
+                self.weights, self.fp8 = (w1, w2), Fp8Weights(w1_scale, w2_scale, block)
             self.shape = shape
         bench = self.benches.pop(M, None)
         if bench is None:
             while len(self.benches) >= self.KEEP:
                 del self.benches[next(iter(self.benches))]  # free before allocating the next
             w1, w2 = self.weights
-            bench = BatchBench(w1, w2, M, shape.topk, seed=self.seed * 7919 + M)
+            bench = BatchBench(w1, w2, M, shape.topk, seed=self.seed * 7919 + M, fp8=self.fp8,
+                               activation_dtype=self.dtype)
         self.benches[M] = bench
         return bench
 

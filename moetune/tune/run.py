@@ -38,9 +38,8 @@ from typing import Callable
 
 import optuna
 
-from ..configs import default_config
 from ..errors import UsageError
-from ..types import LaunchConfig, Role
+from ..types import Role
 from .choose import print_summary, write_batch, written_record
 from .compile_pool import COMPILE_TIMEOUT_S, Compiler, compiler_for
 from .inputs import BatchBench, InputCache, helper_requests, role_compile_request
@@ -165,7 +164,7 @@ class TuningRun:
         budget = settings.time_budget_min
         self.deadline = self.context.clock.start + budget * 60 if budget else math.inf
         self.batches = {key: Batch(key) for key in settings.batches()}
-        self.inputs = InputCache(settings.torch_dtype, settings.seed)
+        self.inputs = InputCache(settings.torch_dtype, settings.seed, settings.dtype)
         self.warm_starts = WarmStarts(settings)
         self.visits: dict[StudyKey, int] = {}  # the walk's studies -> their place in it
         self.paths: list[Path] = []
@@ -269,11 +268,12 @@ class TuningRun:
         load them instead of compiling."""
         s, (shape, M) = self.settings, (batch.key.shape, batch.key.M)
         compiler = self.context.compiler
-        default = LaunchConfig.from_json(default_config(M, shape.E, shape.N, shape.K, shape.topk))
+        default = s.default_config(shape, M)
         requests = helper_requests(M, shape, s.torch_dtype, s.space.values["BLOCK_SIZE_M"])
         batch.helpers = [future for future in map(compiler.submit_helpers, requests) if future is not None]
         for role in self.roles:
-            compiler.submit(role_compile_request(role, M, shape, s.torch_dtype, default.block_m), default, launcher=True)
+            compiler.submit(role_compile_request(role, M, shape, s.torch_dtype, default.block_m, s.dtype), default,
+                            launcher=True)
 
     def prepare(self, key: BatchKey) -> BatchBench:
         """The batch size's inputs, for a check or the layer choice: built once its helper

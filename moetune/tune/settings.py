@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from ..device import DeviceInfo
+from ..loader import default_launch_config
 from ..shapes import MoEShape
-from ..tables import TORCH_DTYPES, table_path
-from ..types import Role, Variant
+from ..tables import TORCH_DTYPES, TableDtype, table_path
+from ..types import LaunchConfig, Role, Variant
 from .space import SearchSpace
 from .storage import DEFAULT_HEARTBEAT_S, default_journal
 
@@ -23,7 +24,9 @@ from .storage import DEFAULT_HEARTBEAT_S, default_journal
 @dataclass
 class TuneSettings:
     shapes: list[MoEShape]
-    dtype: str
+    # What the tables are keyed by: "bf16", "fp16", or fp8_w8a8 with its block shape (as
+    # TableDtype.of takes it; a TableDtype once set). Its str() names the studies.
+    dtype: TableDtype | str
     batch_sizes: list[int]
     variants: list[Variant]
     trials: int
@@ -48,10 +51,14 @@ class TuneSettings:
     # This process's place among the processes of one host sharing the studies (walk.py).
     walk_slot: int = 0
     walk_count: int = 1
+    # The activations' dtype of an fp8 tune (bf16 on a GPU; fp16 in the interpreter, which
+    # has no bf16 atomic add): the configs serve fp8 layers of any activation dtype.
+    fp8_activations: str = "bf16"
 
     def __post_init__(self) -> None:
         wanted = {Variant(v) for v in self.variants}
         self.variants = [v for v in Variant if v in wanted]  # in the tables' order
+        self.dtype = TableDtype.of(self.dtype)
 
     @property
     def roles(self) -> list[Role]:
@@ -59,7 +66,12 @@ class TuneSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
+        """The activations' dtype (and the weights', unless fp8)."""
+        return TORCH_DTYPES[self.fp8_activations if self.dtype.fp8 else self.dtype.name]
+
+    def default_config(self, shape: MoEShape, M: int) -> LaunchConfig:
+        """The default heuristic's config, which the checks run in the roles not tuned."""
+        return default_launch_config(M, shape.E, shape.N, shape.K, shape.topk, self.dtype)
 
     def storage_location(self) -> str:
         """The --storage URL or journal file, else a journal file beside the tables."""

@@ -135,6 +135,7 @@ class Problem:
     n_out: int  # output width
     k_in: int  # reduction length
     dtype_bytes: int  # bytes per element of the operands
+    block_k: int | None = None  # block fp8: a K tile must lie within one scale block
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gemm", _gemm(self.gemm))
@@ -148,11 +149,12 @@ class Problem:
             raise UsageError(f"dtype_bytes must be one of {DTYPE_BYTES}, got {self.dtype_bytes!r}")
 
     @classmethod
-    def for_gemm(cls, gemm: Gemm | str, M: int, E: int, N: int, K: int, topk: int, dtype_bytes: int) -> Problem:
+    def for_gemm(cls, gemm: Gemm | str, M: int, E: int, N: int, K: int, topk: int, dtype_bytes: int,
+                 block_k: int | None = None) -> Problem:
         # GEMM 1: hidden [.., K] -> gate/up [.., 2N]; GEMM 2: activation [.., N] -> hidden [.., K].
         if _gemm(gemm) is Gemm.GEMM1:
-            return cls(Gemm.GEMM1, M, E, topk, n_out=2 * N, k_in=K, dtype_bytes=dtype_bytes)
-        return cls(Gemm.GEMM2, M, E, topk, n_out=K, k_in=N, dtype_bytes=dtype_bytes)
+            return cls(Gemm.GEMM1, M, E, topk, n_out=2 * N, k_in=K, dtype_bytes=dtype_bytes, block_k=block_k)
+        return cls(Gemm.GEMM2, M, E, topk, n_out=K, k_in=N, dtype_bytes=dtype_bytes, block_k=block_k)
 
     @property
     def rows(self) -> int:
@@ -196,6 +198,8 @@ def _tile_n_rule(bn: int, problem: Problem, space: SearchSpace) -> str | None:
 
 
 def _tile_k_rule(bk: int, problem: Problem, space: SearchSpace) -> str | None:
+    if problem.block_k is not None and problem.block_k % bk:
+        return f"BLOCK_SIZE_K {bk} does not divide the fp8 scale block's block_k {problem.block_k}"
     max_bk = max(space.smallest("BLOCK_SIZE_K"), next_pow2(problem.k_in))
     return f"BLOCK_SIZE_K {bk} > {max_bk} for k_in {problem.k_in}" if bk > max_bk else None
 

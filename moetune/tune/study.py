@@ -126,7 +126,7 @@ def open_study(key: StudyKey, context: StudyContext, create: bool) -> RoleStudy 
     settings = context.settings
     shape, M = key.batch.shape, key.batch.M
     problem = Problem.for_gemm(key.role.gemm, M, shape.E, shape.N, shape.K, shape.topk,
-                               settings.torch_dtype.itemsize)
+                               settings.dtype.operand_bytes, settings.dtype.max_block_k)
     candidates = Candidates(settings.space, problem, settings.device.shared_memory_bytes)
     sampler = study_sampler(settings.space, candidates, seed=(settings.seed + M + settings.sampler_salt) % 2**32)
     sharer = Sharer(settings.device, settings.heartbeat_s)
@@ -255,7 +255,7 @@ class RoleStudy:
                 self._tell(trial, trial_id, state="FAIL", status="surplus")
                 return False
             request = role_compile_request(self.role, self.key.batch.M, self.key.batch.shape,
-                                           self.settings.torch_dtype, config.block_m)
+                                           self.settings.torch_dtype, config.block_m, self.settings.dtype)
             self.pending.append(Pending(trial, trial_id, config, self.context.compiler.submit(request, config)))
             done = state.counted + state.in_flight
         return done < target
