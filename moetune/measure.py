@@ -25,6 +25,7 @@ from .bench import (LayerInputs, adaptive_time_us, cuda_graph_time_us, interleav
                     wall_time_us)
 from .layer import align_for, run_aligned
 from .reference import TOLERANCE, moe_reference, relative_error
+from .types import OFF, Switches
 
 Run = Callable[[], torch.Tensor]
 
@@ -99,8 +100,9 @@ class LayerCase:
         return moe_reference(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids)
 
     def layer(self, variant: str, gemm1, gemm2, *, with_alignment: bool = False,
-              atomic_sem: str = "relaxed") -> Run:
-        """The whole layer with these configs (dicts or LaunchConfigs), writing `self.out`.
+              atomic_sem: str = "relaxed", switches: Switches = OFF) -> Run:
+        """The whole layer with these configs (dicts or LaunchConfigs) and kernel switches,
+        writing `self.out`.
 
         The routing is given. Alignment runs once, here, unless `with_alignment`: then every
         call aligns, as the tuner times a pair (a pair whose GEMMs differ in BLOCK_SIZE_M
@@ -112,7 +114,8 @@ class LayerCase:
 
         def aligned_run(aligned1, aligned2) -> torch.Tensor:
             return run_aligned(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, aligned1,
-                               aligned2, gemm1, gemm2, variant=variant, out=self.out, atomic_sem=atomic_sem)
+                               aligned2, gemm1, gemm2, variant=variant, out=self.out, atomic_sem=atomic_sem,
+                               switches=switches)
 
         if with_alignment:
             return lambda: aligned_run(*align_for(inputs.topk_ids, num_experts, gemm1, gemm2))
