@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import UsageError
 from ..types import SPLIT_K_CHOICES, LaunchConfig, Switches, SwitchError
+
+if TYPE_CHECKING:
+    from .space import Problem
 
 SWITCH_NAMES = tuple(field.name for field in fields(Switches))
 OFF_VALUES = {field.name: field.default for field in fields(Switches)}
@@ -136,7 +139,7 @@ class LayerTarget:
     sm_count: int
     compute_capability: tuple[int, int] | None  # None: Triton's interpreter
 
-    def problem(self, gemm: str):
+    def problem(self, gemm: str) -> Problem:
         from .space import Problem  # space.py reads its `switches:` section through this module
 
         return Problem.for_gemm(gemm, self.M, self.E, self.N, self.K, self.topk, self.dtype_bytes)
