@@ -3,9 +3,12 @@
 Both frameworks name a file `E={E},N={N},device_name={device key}[,dtype=..][,block_shape=..].json`
 and map batch size M (tokens) to one launch config, picking the nearest key at run time.
 vLLM runs that one config for both GEMMs. SGLang reads GEMM 2's config from a `..._down.json`
-beside it (falling back to GEMM 1's) and keeps its files in a `triton_X_Y_Z/` folder per
-Triton version. Neither selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`,
-fp8 weights for `,dtype=fp8_w8a8` and, with scale blocks, `,block_shape=[128,128]` (vLLM) or
+beside it (falling back to GEMM 1's; "USE_TMA": true there runs its sorted-rows TMA path)
+and keeps its files in a `triton_X_Y_Z/` folder per Triton version. Neither runs moetune's
+other kernel switches: a batch size whose tuned layer has one is exported as the fastest
+layer the framework runs that the tune measured (switch_candidates.py), with a note. Neither
+selector names bf16 or fp16; float32 MoE looks for `,dtype=float32`, fp8 weights for
+`,dtype=fp8_w8a8` and, with scale blocks, `,block_shape=[128,128]` (vLLM) or
 `,block_shape=[128, 128]` (SGLang, which prints the list as Python does).
 
 Baselines (--baseline-configs) are a folder of such files, or the name of one packaged with
@@ -25,8 +28,10 @@ from typing import Mapping
 from .device import device_key as to_device_key
 from .errors import TableError, UsageError
 from .loader import FROM_FAMILY, nearest_batch_size
+from .switch_candidates import SGLANG_TMA, LayerCandidate, candidates_of, fastest, sglang_runs, vllm_runs
 from .table_listing import find_tables
 from .tables import FP8_W8A8, TableDtype, checked_config, read_table, write_atomic
+from .types import OFF, Switches
 
 FORMATS = ("vllm", "sglang")
 # What Triton launches with when a config leaves these out (some SGLang files do).
@@ -151,39 +156,78 @@ def nearest(configs: Mapping[int, dict], M: int) -> dict:
 # Export
 
 
-def vllm_configs(table: Mapping) -> dict[int, dict]:
-    """One config per batch size: GEMM 1's, of the unfused variant.
+def vllm_configs(table: Mapping) -> tuple[dict[int, dict], list[str]]:
+    """One config per batch size: GEMM 1's, of the unfused variant; and a note per batch
+    size whose layer vLLM cannot run as tuned.
 
     vLLM runs a single config for both GEMMs and stores GEMM 2's output before a separate
     reduce, as the unfused variant does. GEMM 1 carries twice GEMM 2's work (2N outputs),
     so its config is the one to keep. GEMM 1 is the same kernel in both variants, so a
-    batch size tuned only fused still gives its GEMM 1 config.
+    batch size tuned only fused still gives its GEMM 1 config. vLLM runs no kernel switch:
+    where the variant's layer has one, the fastest all-off layer of that variant the tune
+    measured (its switch candidates) gives the config, else the variant's own GEMM 1 config.
     """
-    configs = {}
+    configs, notes = {}, []
     for M, entry in table["batch_sizes"].items():
-        variant = entry["unfused"] if "unfused" in entry else entry["fused"]
+        name = "unfused" if "unfused" in entry else "fused"
+        variant = entry[name]
         configs[M] = dict(variant["gemm1"])
-    return configs
+        switches = Switches.from_json(variant.get("switches", {}))
+        if not vllm_runs(switches):
+            plain = fastest(c for c in candidates_of(entry, f"batch_sizes[{M}]")
+                            if c.variant.value == name and vllm_runs(c.switches))
+            if plain is not None:
+                configs[M] = plain.gemm1.to_json()
+            notes.append(_fallback_note(M, switches, "vLLM", plain, variant["layer_us"]))
+    return configs, notes
 
 
-def sglang_configs(table: Mapping) -> tuple[dict[int, dict], dict[int, dict], list[int]]:
-    """GEMM 1 and GEMM 2 ("_down") configs of each batch size's winning variant.
+def sglang_configs(table: Mapping) -> tuple[dict[int, dict], dict[int, dict], list[str]]:
+    """GEMM 1 and GEMM 2 ("_down") configs of each batch size's winning layer, and a note per
+    batch size written otherwise.
 
-    SGLang sorts tokens once, by GEMM 1's BLOCK_SIZE_M, for both GEMMs: where the winner's
-    GEMM 2 config has another BLOCK_SIZE_M, GEMM 1's config is written for GEMM 2 too (what
-    SGLang does with no _down file) rather than an altered, never-timed config. Those batch
-    sizes are returned third.
+    Where the winner runs SGLang's TMA path (sorted rows, both GEMM 2 operands through TMA),
+    the `_down` config carries "USE_TMA": true. Where it runs a switch SGLang cannot (fused
+    SiLU, persistent, split-K, a part of the TMA path), the fastest layer SGLang runs that the
+    tune measured for that batch size (its switch candidates, either variant) is written
+    instead, else the winner's configs without their switches. SGLang sorts tokens once, by
+    GEMM 1's BLOCK_SIZE_M, for both GEMMs: where GEMM 2's config has another BLOCK_SIZE_M,
+    GEMM 1's config is written for GEMM 2 too (what SGLang does with no _down file) rather
+    than an altered, never-timed config.
     """
-    up, down, replaced = {}, {}, []
+    up, down, notes, replaced = {}, {}, [], []
     for M, entry in table["batch_sizes"].items():
         winner = entry[entry["winner"]]
-        up[M] = dict(winner["gemm1"])
-        if winner["gemm2"]["BLOCK_SIZE_M"] == winner["gemm1"]["BLOCK_SIZE_M"]:
-            down[M] = dict(winner["gemm2"])
+        gemm1, gemm2 = winner["gemm1"], winner["gemm2"]
+        switches = Switches.from_json(winner.get("switches", {}))
+        if not sglang_runs(switches):
+            runnable = fastest(c for c in candidates_of(entry, f"batch_sizes[{M}]") if sglang_runs(c.switches))
+            notes.append(_fallback_note(M, switches, "SGLang", runnable, winner["layer_us"]))
+            switches = OFF
+            if runnable is not None:
+                gemm1, gemm2, switches = runnable.gemm1.to_json(), runnable.gemm2.to_json(), runnable.switches
+        up[M] = dict(gemm1)
+        if gemm2["BLOCK_SIZE_M"] == gemm1["BLOCK_SIZE_M"]:
+            down[M] = {**gemm2, "USE_TMA": True} if switches == SGLANG_TMA else dict(gemm2)
         else:
-            down[M] = dict(winner["gemm1"])
+            down[M] = dict(gemm1)
             replaced.append(M)
-    return up, down, replaced
+    if replaced:
+        notes.append(f"GEMM 2 gets GEMM 1's config at M={', '.join(map(str, replaced))} "
+                     f"(SGLang needs the same BLOCK_SIZE_M for both GEMMs)")
+    return up, down, notes
+
+
+def _fallback_note(M: int, switches: Switches, framework: str, written: LayerCandidate | None,
+                   tuned_us: float) -> str:
+    runs = ", ".join(f"{name}={value}" if name == "split_k" else name for name, value in switches.to_json().items())
+    if written is None:
+        return (f"M={M}: the tuned layer runs {runs}, which {framework} cannot, and no layer {framework} runs "
+                f"was measured: wrote its configs without the switches (never timed so)")
+    how = ", ".join(written.switches.to_json()) or "all switches off"
+    return (f"M={M}: the tuned layer runs {runs}, which {framework} cannot: wrote the fastest layer {framework} "
+            f"runs that the tune measured ({written.variant.value}, {how}: {written.layer_us:.1f} us against "
+            f"{tuned_us:.1f} us)")
 
 
 def sglang_version_folder(triton_version: str) -> str:
@@ -216,18 +260,19 @@ def plan_export(tables: list[tuple[str, dict]], format: str) -> tuple[list[Plann
     for source, table in ordered:
         shape = table["shape"]
         name = ForeignName.of_table(shape, table["device"]["key"], format)
-        if format == "vllm":
-            files = [PlannedFile(Path(name.file_name), vllm_configs(table), source)]
-        else:
-            folder = Path(sglang_version_folder(table["versions"]["triton"]))
-            up, down, replaced = sglang_configs(table)
-            down_name = dataclasses.replace(name, down=True)
-            files = [PlannedFile(folder / name.file_name, up, source), PlannedFile(folder / down_name.file_name, down, source)]
-            if replaced:
-                messages.append(
-                    f"note: {source}: GEMM 2 gets GEMM 1's config at M={', '.join(map(str, replaced))} "
-                    f"(SGLang needs the same BLOCK_SIZE_M for both GEMMs)"
-                )
+        try:
+            if format == "vllm":
+                configs, notes = vllm_configs(table)
+                files = [PlannedFile(Path(name.file_name), configs, source)]
+            else:
+                folder = Path(sglang_version_folder(table["versions"]["triton"]))
+                up, down, notes = sglang_configs(table)
+                down_name = dataclasses.replace(name, down=True)
+                files = [PlannedFile(folder / name.file_name, up, source),
+                         PlannedFile(folder / down_name.file_name, down, source)]
+        except ValueError as error:  # a bad switch candidate (the table checks leave that key to its writers)
+            raise TableError(f"bad table {source}: {error}") from None
+        messages += [f"note: {source}: {note}" for note in notes]
         clash = next((planned[file.relative] for file in files if file.relative in planned), None)
         if clash is not None:
             messages.append(f"skipped {source}: its {format} file {clash.relative} is written from {clash.source}")

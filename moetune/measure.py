@@ -26,6 +26,7 @@ from .bench import (LayerInputs, adaptive_time_us, cuda_graph_time_us, interleav
 from .layer import Fp8Weights, align_for, run_aligned
 from .quant import fp8_moe_reference, fp8_tolerance
 from .reference import TOLERANCE, moe_reference, relative_error
+from .types import OFF, Switches
 
 Run = Callable[[], torch.Tensor]
 
@@ -105,8 +106,9 @@ class LayerCase:
         return moe_reference(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids)
 
     def layer(self, variant: str, gemm1, gemm2, *, with_alignment: bool = False,
-              atomic_sem: str = "relaxed") -> Run:
-        """The whole layer with these configs (dicts or LaunchConfigs), writing `self.out`.
+              atomic_sem: str = "relaxed", switches: Switches = OFF) -> Run:
+        """The whole layer with these configs (dicts or LaunchConfigs) and kernel switches,
+        writing `self.out`.
 
         The routing is given. Alignment runs once, here, unless `with_alignment`: then every
         call aligns, as the tuner times a pair (a pair whose GEMMs differ in BLOCK_SIZE_M
@@ -119,7 +121,7 @@ class LayerCase:
         def aligned_run(aligned1, aligned2) -> torch.Tensor:
             return run_aligned(inputs.x, inputs.w1, inputs.w2, inputs.topk_weights, inputs.topk_ids, aligned1,
                                aligned2, gemm1, gemm2, variant=variant, out=self.out, atomic_sem=atomic_sem,
-                               fp8=self.fp8)
+                               fp8=self.fp8, switches=switches)
 
         if with_alignment:
             return lambda: aligned_run(*align_for(inputs.topk_ids, num_experts, gemm1, gemm2))

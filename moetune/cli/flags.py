@@ -73,6 +73,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: a journal file beside the tables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--space", default=None, metavar="YAML", help="search space overriding the default")
+    parser.add_argument("--switches", choices=("search", "off"), default=None,
+                        help="kernel switches the layer choice tries: those of the space (default on a GPU), or "
+                             "none; without a GPU the default tries only those a --space file lists")
     parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
                         help=f"how often a process records that its trials are alive; a trial silent for "
                              f"{GRACE_BEATS} intervals is failed and retried (default {DEFAULT_HEARTBEAT_S}; "

@@ -63,7 +63,12 @@ def build_settings(args: argparse.Namespace):
     if args.storage:
         check_storage(args.storage)
     baseline = baseline_folder(args.baseline_configs)
-    space = load_space(args.space)
+    # The interpreter's timings mean nothing to choose switches by: there, by default, only
+    # those a space file names are tried (which is how tests cover the search).
+    space = load_space(args.space, default_switches=args.switches == "search" or
+                       (args.switches is None and device.is_gpu))
+    if args.switches == "off":
+        space = space.without_switches()
     dtype, activations = resolve_table_dtype(args.dtype, args.block_shape, shapes, device,
                                              atomics=Variant.FUSED in variants)
     check_memory(shapes, batch_sizes, activations, device, processes=len(devices or [0]))

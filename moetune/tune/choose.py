@@ -2,10 +2,12 @@
 
 Per variant, the best few GEMM 1 configs are paired with the best few GEMM 2 configs of that
 variant, whole layers (alignment included) are timed, the top few re-timed in interleaved
-rounds, and the fastest pair that passes the correctness check is kept. The entry is merged
-into the shape's table, written atomically, and marked on the batch size's GEMM 1 study with
-what it was chosen from, so that a rerun finding the same studies and the same entry leaves
-the table as it is.
+rounds, and the fastest pair that passes the correctness check is kept. The kernel switches
+of the space are then tried on top of it (switch_search.py). The entry, with every switch
+candidate measured, is merged into the shape's table, written atomically, and marked on the
+batch size's GEMM 1 study with what it was chosen from (the studies' measurements and the
+switch space), so that a rerun finding the same studies and the same entry leaves the table
+as it is.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from typing import Callable
 
 from ..bench import interleaved_times
 from ..errors import TableError
+from ..kernels.grouped_gemm import default_num_programs
 from ..shapes import MoEShape
+from ..switch_candidates import MEASURED, SWITCH_CANDIDATES_KEY, LayerCandidate
 from ..tables import BatchRecord, VariantRecord, read_table, record_batch
-from ..types import LaunchConfig, Role, Variant
+from ..types import OFF, LaunchConfig, Role, Switches, Variant
 from .inputs import BatchBench
 from .sampler import sampler_description
 from .settings import BatchKey, Clock, TuneSettings
 from .study import RoleResult, rejection_reasons, study_result
+from .switch_search import pair_pool, search_switches
+from .switch_space import LayerTarget
 
-# GEMM 1 study user attribute: the entry written for its batch size and a digest of the
-# measured configs it was chosen from.
+# GEMM 1 study user attribute: the entry written for its batch size, a digest of the
+# measured configs it was chosen from and the switch space it searched.
 WRITTEN_ATTR = "table_entry"
 
 
@@ -37,6 +43,7 @@ class Layer:
     variant: Variant
     gemm1: LaunchConfig
     gemm2: LaunchConfig
+    switches: Switches = OFF
 
 
 @dataclass(frozen=True)
@@ -46,29 +53,36 @@ class PairChoice:
     gemm1_us: float
     gemm2_us: float
     layer_us: float
-    rel_error: float
+    switches: Switches = OFF
+    # The all-off pairs whose whole layers were timed, fastest first.
+    timed: tuple[tuple[LaunchConfig, LaunchConfig], ...] = ()
 
     def record(self) -> VariantRecord:
-        return VariantRecord(self.gemm1, self.gemm2, self.gemm1_us, self.gemm2_us, self.layer_us)
+        return VariantRecord(self.gemm1, self.gemm2, self.gemm1_us, self.gemm2_us, self.layer_us, self.switches)
 
 
 @dataclass(frozen=True)
 class BatchEntry:
     pairs: dict[Variant, PairChoice]
+    candidates: tuple[LayerCandidate, ...] = ()  # every switch set tried, per variant (if any was)
 
     @property
     def winner(self) -> Variant:
         return min(self.pairs, key=lambda variant: self.pairs[variant].layer_us)
 
     def record(self) -> BatchRecord:
-        """The batch size's entry in a table (the record tables.py defines)."""
-        return BatchRecord({variant: pair.record() for variant, pair in self.pairs.items()}, self.winner)
+        """The batch size's entry in a table (the record tables.py defines), with the switch
+        candidates as an informational key (switch_candidates.py)."""
+        extra = {SWITCH_CANDIDATES_KEY: [candidate.to_json() for candidate in self.candidates]} if self.candidates else {}
+        return BatchRecord({variant: pair.record() for variant, pair in self.pairs.items()}, self.winner, extra)
 
 
-def interleaved_medians(bench: BatchBench, layers: list[Layer], rounds: int, clock: Clock) -> list[float]:
+def interleaved_medians(bench: BatchBench, layers: list[Layer | LayerCandidate], rounds: int,
+                        clock: Clock) -> list[float]:
     """Median layer time of each layer, timed in interleaved rounds: each round times every
     layer once, so drift between rounds hits all of them alike."""
-    timings = [functools.partial(bench.time_layer, layer.variant, layer.gemm1, layer.gemm2) for layer in layers]
+    timings = [functools.partial(bench.time_layer, layer.variant, layer.gemm1, layer.gemm2, layer.switches)
+               for layer in layers]
     with clock.busy():
         times = interleaved_times(timings, rounds)
     return [statistics.median(t) for t in times]
@@ -81,30 +95,61 @@ def choose_pair(bench: BatchBench, variant: Variant, gemm1: RoleResult, gemm2: R
     pairs = [Layer(variant, c1, c2) for _, c1 in gemm1.ranked[:settings.top_pairs]
              for _, c2 in gemm2.ranked[:settings.top_pairs]]
     first = interleaved_medians(bench, pairs, 1, clock)
-    finalists = [pair for _, pair in sorted(zip(first, pairs), key=lambda item: item[0])][:settings.top_pairs]
+    ordered = [pair for _, pair in sorted(zip(first, pairs), key=lambda item: item[0])]
+    finalists = ordered[:settings.top_pairs]
     medians = interleaved_medians(bench, finalists, settings.retime_rounds, clock)
+    retimed = [layer for _, layer in sorted(zip(medians, finalists), key=lambda item: item[0])]
+    timed = tuple((layer.gemm1, layer.gemm2) for layer in retimed + ordered[settings.top_pairs:])
     for layer_us, layer in sorted(zip(medians, finalists), key=lambda item: item[0]):
         with clock.busy():
             error = bench.check_layer(variant, layer.gemm1, layer.gemm2)
         if error <= bench.tolerance:
-            t1 = next(t for t, c in gemm1.ranked if c == layer.gemm1)
-            t2 = next(t for t, c in gemm2.ranked if c == layer.gemm2)
-            return PairChoice(layer.gemm1, layer.gemm2, t1, t2, layer_us, error)
+            return PairChoice(layer.gemm1, layer.gemm2, role_time(gemm1, layer.gemm1), role_time(gemm2, layer.gemm2),
+                              layer_us, timed=timed)
     raise RuntimeError(f"no {variant} pair passed the correctness check at M={bench.M}")
+
+
+def role_time(result: RoleResult, config: LaunchConfig) -> float:
+    return next(t for t, c in result.ranked if c == config)
+
+
+def layer_target(bench: BatchBench, settings: TuneSettings) -> LayerTarget:
+    device = settings.device
+    return LayerTarget(bench.M, bench.E, bench.N, bench.K, bench.topk, settings.torch_dtype.itemsize,
+                       device.shared_memory_bytes, default_num_programs(bench.w1.device), device.compute_capability)
+
+
+def with_switches(bench: BatchBench, variant: Variant, pair: PairChoice, gemm1: RoleResult, gemm2: RoleResult,
+                  settings: TuneSettings, clock: Clock) -> tuple[PairChoice, list[LayerCandidate]]:
+    """The variant's choice after the switch search on top of its all-off `pair`, and every
+    switch candidate measured (the all-off pair first; none when the space has no switches)."""
+    if not settings.space.switches.searches:
+        return pair, []
+    base = LayerCandidate(variant, OFF, pair.gemm1, pair.gemm2, pair.layer_us, MEASURED)
+    best, tried = search_switches(bench, base, pair_pool(pair.timed, gemm1, gemm2), layer_target(bench, settings),
+                                  settings.space.switches, settings.retime_rounds, clock,
+                                  lambda layers, rounds: interleaved_medians(bench, layers, rounds, clock))
+    chosen = PairChoice(best.gemm1, best.gemm2, role_time(gemm1, best.gemm1), role_time(gemm2, best.gemm2),
+                        best.layer_us, best.switches, pair.timed)
+    return chosen, tried
 
 
 def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: TuneSettings,
                 clock: Clock) -> BatchEntry:
     """The table entry of one batch size, from the results of its roles' settled studies."""
-    pairs = {variant: choose_pair(bench, variant, results[Role.GEMM1], results[Role.down(variant)], settings, clock)
-             for variant in settings.variants}
+    pairs, candidates = {}, []
+    for variant in settings.variants:
+        gemm1, gemm2 = results[Role.GEMM1], results[Role.down(variant)]
+        pair = choose_pair(bench, variant, gemm1, gemm2, settings, clock)
+        pairs[variant], tried = with_switches(bench, variant, pair, gemm1, gemm2, settings, clock)
+        candidates += tried
     if len(pairs) > 1:
         # At large batches the variants are often closer than the spread of one timing: time
         # their chosen pairs against each other before naming the winner.
-        layers = [Layer(variant, pair.gemm1, pair.gemm2) for variant, pair in pairs.items()]
+        layers = [Layer(variant, pair.gemm1, pair.gemm2, pair.switches) for variant, pair in pairs.items()]
         for layer, layer_us in zip(layers, interleaved_medians(bench, layers, settings.retime_rounds, clock)):
             pairs[layer.variant] = replace(pairs[layer.variant], layer_us=layer_us)
-    return BatchEntry(pairs)
+    return BatchEntry(pairs, tuple(candidates))
 
 
 def role_results(key: BatchKey, studies: dict[Role, object]) -> dict[Role, RoleResult]:
@@ -133,7 +178,8 @@ def write_batch(settings: TuneSettings, key: BatchKey, bench: BatchBench, studie
                           settings.dtype, key.M, batch_entry(bench, results, settings, clock).record(),
                           search_record(settings)).batch_sizes[key.M].to_json()
     digests = {role.value: digest for role, digest in _digests(results).items()}
-    studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record})
+    studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record,
+                                                     "switches": settings.space.switches.to_dict()})
     return record
 
 
@@ -153,6 +199,8 @@ def written_record(settings: TuneSettings, key: BatchKey, studies: dict[Role, ob
         return None  # rewritten with the entry, or refused there by name
     if record is None or _canonical(record) != _canonical(mark.get("record")):
         return None
+    if _canonical(mark.get("switches")) != _canonical(settings.space.switches.to_dict()):
+        return None  # the switch candidates were searched in another space
     if any(variant.value not in record for variant in settings.variants):
         return None
     results = {role: study_result(study) for role, study in studies.items()}

@@ -34,7 +34,7 @@ from ..measure import LayerCase, check
 from ..quant import FP8_DTYPE, quantize_activations, quantize_weights
 from ..shapes import MoEShape
 from ..tables import TableDtype
-from ..types import LaunchConfig, Role, Variant
+from ..types import OFF, LaunchConfig, Role, Switches, Variant
 
 # Once this many configs of a role are measured, one slower than CUTOFF_FACTOR times the best
 # gets only its rough time: it cannot win, and a precise time of a slow config costs the most.
@@ -295,12 +295,13 @@ class BatchBench:
         return self.check_layer(role.variant, self.default, config)
 
     # -- whole layer: alignment included, since a pair whose GEMMs differ in BLOCK_SIZE_M pays for two
-    def time_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
-        return self._time(self.timed_case.layer(variant, gemm1, gemm2, with_alignment=True))[0]
+    def time_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig, switches: Switches = OFF) -> float:
+        return self._time(self.timed_case.layer(variant, gemm1, gemm2, with_alignment=True, switches=switches))[0]
 
-    def check_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig) -> float:
+    def check_layer(self, variant: Variant, gemm1: LaunchConfig, gemm2: LaunchConfig, switches: Switches = OFF) -> float:
         """Relative error against the float64 reference (its output poisoned with NaN first)."""
-        return check(self.checked_case, self.checked_case.layer(variant, gemm1, gemm2, with_alignment=True)).error
+        run = self.checked_case.layer(variant, gemm1, gemm2, with_alignment=True, switches=switches)
+        return check(self.checked_case, run).error
 
 
 class InputCache:

@@ -6,7 +6,7 @@ import functools
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterator
 
@@ -14,9 +14,11 @@ import yaml
 
 from ..errors import UsageError
 from ..types import CONFIG_KEYS, ConfigError, Gemm, LaunchConfig, value_problem
+from .switch_space import SwitchSpace, read_switch_space
 
 DEFAULT_SPACE_FILE = "space.yaml"
 DTYPE_BYTES = (1, 2, 4)  # fp8, bf16/fp16, fp32
+SWITCHES_KEY = "switches"  # the space file's section of kernel switches (switch_space.py)
 
 # A BLOCK_SIZE_M of 16 is the smallest MMA row count, so it is never padding-bound.
 ALWAYS_ALLOWED_BLOCK_M = 16
@@ -46,6 +48,8 @@ def next_pow2(value: int) -> int:
 @dataclass(frozen=True)
 class SearchSpace:
     values: dict[str, tuple[int, ...]]  # the six keys in CONFIG_KEYS order, each tuple sorted and unique
+    # The kernel switches the layer choice tries; built without, a space searches none.
+    switches: SwitchSpace = field(default_factory=SwitchSpace.off)
 
     def __post_init__(self) -> None:
         if set(self.values) != set(CONFIG_KEYS):
@@ -59,8 +63,11 @@ class SearchSpace:
     def smallest(self, key: str) -> int:
         return self.values[key][0]
 
-    def to_dict(self) -> dict[str, list[int]]:
-        return {key: list(choices) for key, choices in self.values.items()}
+    def to_dict(self) -> dict[str, list]:
+        return {**{key: list(choices) for key, choices in self.values.items()}, SWITCHES_KEY: self.switches.to_dict()}
+
+    def without_switches(self) -> SearchSpace:
+        return SearchSpace(self.values, SwitchSpace.off())
 
 
 def _check_choices(key: str, raw: Any, source: str) -> tuple[int, ...]:
@@ -76,19 +83,22 @@ def _check_choices(key: str, raw: Any, source: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _read_choices(text: str, source: str) -> dict[str, tuple[int, ...]]:
+def _read_choices(text: str, source: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple]]:
+    """The config keys' lists and the switches' lists a space file gives."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UsageError(f"{source}: not valid YAML{_yaml_place(error)}") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise UsageError(f"{source}: must be a mapping of config keys to lists, got {type(data).__name__}")
+    switches = read_switch_space(data.pop(SWITCHES_KEY), source) if SWITCHES_KEY in data else {}
     unknown = [key for key in data if key not in CONFIG_KEYS]
     if unknown:
-        raise UsageError(f"{source}: {unknown[0]}: unknown key, expected some of {', '.join(CONFIG_KEYS)}")
-    return {key: _check_choices(key, raw, source) for key, raw in data.items()}
+        raise UsageError(f"{source}: {unknown[0]}: unknown key, expected some of {', '.join(CONFIG_KEYS)} "
+                         f"or {SWITCHES_KEY}")
+    return {key: _check_choices(key, raw, source) for key, raw in data.items()}, switches
 
 
 def _yaml_place(error: yaml.YAMLError) -> str:
@@ -102,16 +112,18 @@ def _yaml_place(error: yaml.YAMLError) -> str:
 @functools.lru_cache(maxsize=1)
 def default_space() -> SearchSpace:
     text = resources.files(__package__).joinpath(DEFAULT_SPACE_FILE).read_text(encoding="utf-8")
-    choices = _read_choices(text, DEFAULT_SPACE_FILE)
-    missing = [key for key in CONFIG_KEYS if key not in choices]
+    choices, switches = _read_choices(text, DEFAULT_SPACE_FILE)
+    missing = [key for key in (*CONFIG_KEYS, *SwitchSpace.off().values) if key not in {**choices, **switches}]
     if missing:
         raise UsageError(f"{DEFAULT_SPACE_FILE}: {missing[0]}: missing from the default space")
-    return SearchSpace(choices)
+    return SearchSpace(choices, SwitchSpace(switches))
 
 
-def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
-    """The default space, with the keys a user YAML file lists replacing the defaults."""
-    base = default_space()
+def load_space(path: str | os.PathLike[str] | None = None, default_switches: bool = True) -> SearchSpace:
+    """The default space, with the keys a user YAML file lists replacing the defaults (and
+    the switches its `switches:` section lists replacing theirs). default_switches=False:
+    only the switches the file lists are searched."""
+    base = default_space() if default_switches else default_space().without_switches()
     if path is None:
         return base
     source = os.fspath(path)
@@ -121,7 +133,8 @@ def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise UsageError(f"{source}: cannot read the search space: {reason}") from None
-    return SearchSpace({**base.values, **_read_choices(text, source)})
+    choices, switches = _read_choices(text, source)
+    return SearchSpace({**base.values, **choices}, SwitchSpace({**base.switches.values, **switches}))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from moetune.tune import Compiler
 from moetune.tune.inputs import BatchBench, role_compile_request
 from moetune.tune.storage import database_url
 from moetune.tune.study import COUNTED, RoleStudy
+from moetune.types import OFF
 
 TINY = ["--E", "4", "--topk", "2", "--hidden", "64", "--intermediate", "32"]
 SHAPE_IN_NAME = "E=4,N=32,K=64,topk=2/"
@@ -32,7 +33,8 @@ def replace_timings(patch) -> None:
     figure per config instead, so that a tune in a test costs its correctness checks only.
     Forked workers inherit it; `patch` is a pytest MonkeyPatch."""
     patch.setattr(BatchBench, "time_role", lambda self, role, config, cutoff_us=None: (figure(role, config), True))
-    patch.setattr(BatchBench, "time_layer", lambda self, variant, gemm1, gemm2: figure(variant, gemm1, gemm2))
+    patch.setattr(BatchBench, "time_layer", lambda self, variant, gemm1, gemm2, switches=OFF:
+                  figure(variant, gemm1, gemm2, *([switches] if switches != OFF else [])))
 
 
 @pytest.fixture

@@ -60,7 +60,8 @@ def test_default_space() -> None:
     assert space.values == DEFAULT_VALUES
     assert list(space.values) == list(CONFIG_KEYS)
     assert space.size() == 5 * 4 * 4 * 6 * 3 * 4
-    assert space.to_dict() == {key: list(values) for key, values in DEFAULT_VALUES.items()}
+    assert space.to_dict() == {**{key: list(values) for key, values in DEFAULT_VALUES.items()},
+                               "switches": space.switches.to_dict()}
 
 
 def test_user_yaml_replaces_only_given_keys(tmp_path: Path) -> None:

@@ -1,0 +1,252 @@
+"""The kernel switches as a dimension of the search space: the values a tune may try, the
+order it tries them in, and every rule that prunes a switch set before it is timed.
+
+The role studies tune the six launch-config keys with every switch off; the layer choice
+(switch_search.py) then tries switch sets on top of the pairs they measured. A switch set
+is a candidate for one pair of configs at one batch size unless a rule below says why not.
+The rules, in the order they are checked, one line of why each:
+
+  tma_device        TMA needs a Hopper or newer GPU (the interpreter runs the descriptor loads).
+  tma_box           a tensor map's box sides are at most 256 and its rows 16-byte aligned.
+  sorted_block_m    sorted_rows: GEMM 2 reads GEMM 1's aligned rows, so one BLOCK_SIZE_M for both.
+  fused_shared_memory  fuse_activation: GEMM 1 holds a gate and an up weight tile per stage.
+  split_k_grid      split-K pays only where a GEMM's output tiles leave SMs without work.
+  split_k_programs  more than SPLIT_K_MAX_WAVES programs per SM queue instead of streaming.
+  split_k_whole_tiles  each split gets the same whole number of BLOCK_SIZE_K tiles, or splits idle.
+  persistent_grid   a worst-case grid under PERSISTENT_MIN_WAVES waves has little surplus to skip.
+
+Invalid combinations (tma_activations without sorted_rows, fuse_activation with split_k) are
+never built: Switches refuses them (the kernels' rule, kernels/switches.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from ..errors import UsageError
+from ..types import SPLIT_K_CHOICES, LaunchConfig, Switches, SwitchError
+
+if TYPE_CHECKING:
+    from .space import Problem
+
+SWITCH_NAMES = tuple(field.name for field in fields(Switches))
+OFF_VALUES = {field.name: field.default for field in fields(Switches)}
+
+# TMA boxes: the hardware's tensor-map limit per side, and the row alignment it needs.
+TMA_MAX_BOX = 256
+TMA_ROW_ALIGNMENT_BYTES = 16
+# Split-K: programs per SM beyond which more splits only queue (and add partial traffic).
+SPLIT_K_MAX_WAVES = 4
+# Persistent: the worst-case grid must hold at least this many tiles per SM: with fewer each
+# program loops once or twice, and its set-up (the TMA descriptors) costs what it saves.
+PERSISTENT_MIN_WAVES = 4
+
+# The families of switches the layer choice tries, in its order, each as the settings it
+# tries on top of the best layer so far (see switch_search.py for why this order).
+FAMILIES: tuple[tuple[str, tuple[Mapping[str, Any], ...]], ...] = (
+    ("split_k", ()),  # one setting per split_k value of the space
+    ("fuse_activation", ({"fuse_activation": True},)),
+    ("sorted_rows", ({"sorted_rows": True}, {"sorted_rows": True, "tma_activations": True},
+                     {"sorted_rows": True, "tma_activations": True, "tma_weights": True})),
+    ("tma_weights", ({"tma_weights": True},)),
+    ("persistent", ({"persistent": True},)),
+)
+
+
+@dataclass(frozen=True)
+class SwitchSpace:
+    """The values of each switch the layer choice may try; each holds the off value (the role
+    studies tune with every switch off, so the plain kernel is always measured)."""
+
+    values: Mapping[str, tuple]
+
+    def __post_init__(self) -> None:
+        if set(self.values) != set(SWITCH_NAMES):
+            raise ValueError(f"a switch space needs exactly the switches {', '.join(SWITCH_NAMES)}")
+        normalized = {name: tuple(sorted(set(self.values[name]))) for name in SWITCH_NAMES}
+        object.__setattr__(self, "values", normalized)
+
+    @classmethod
+    def off(cls) -> "SwitchSpace":
+        return cls({name: (value,) for name, value in OFF_VALUES.items()})
+
+    @property
+    def searches(self) -> bool:
+        """Whether any switch may be on."""
+        return any(len(choices) > 1 for choices in self.values.values())
+
+    def to_dict(self) -> dict[str, list]:
+        return {name: list(choices) for name, choices in self.values.items()}
+
+    def allows(self, switches: Switches) -> bool:
+        return all(getattr(switches, name) in self.values[name] for name in SWITCH_NAMES)
+
+    def families(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """(family, the settings of it this space allows), in the order they are tried."""
+        for family, settings in FAMILIES:
+            if family == "split_k":
+                settings = tuple({"split_k": value} for value in self.values["split_k"] if value > 1)
+            allowed = [dict(setting) for setting in settings
+                       if all(value in self.values[name] for name, value in setting.items())]
+            if allowed:
+                yield family, allowed
+
+
+def read_switch_space(raw: Any, source: str) -> dict[str, tuple]:
+    """The switch values a space file's `switches:` gives (`off` or false: every switch off)."""
+    where = f"{source}: switches"
+    if raw is False:
+        return SwitchSpace.off().values
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: must be off or a mapping of switch names to lists, got {raw!r}")
+    chosen = {}
+    for name, choices in raw.items():
+        if name not in SWITCH_NAMES:
+            raise UsageError(f"{where}: {name}: unknown switch, expected some of {', '.join(SWITCH_NAMES)}")
+        off = OFF_VALUES[name]
+        allowed = SPLIT_K_CHOICES if name == "split_k" else (False, True)
+        if not isinstance(choices, list) or not choices:
+            raise UsageError(f"{where}: {name}: must be a non-empty list, got {choices!r}")
+        for value in choices:
+            if type(value) is not type(off) or value not in allowed:
+                raise UsageError(f"{where}: {name}: each value must be one of "
+                                 f"{', '.join(map(_yaml_word, allowed))}, got {_yaml_word(value)}")
+        if off not in choices:
+            raise UsageError(f"{where}: {name}: must include {_yaml_word(off)} (the plain kernel, which the "
+                             f"role studies tune, is always measured)")
+        chosen[name] = tuple(choices)
+    return chosen
+
+
+def _yaml_word(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """What the rules look at besides the configs: the layer's sizes at one batch size and
+    the device (sm_count: programs one wave holds, the persistent grid's size)."""
+
+    M: int
+    E: int
+    N: int
+    K: int
+    topk: int
+    dtype_bytes: int
+    shared_memory_bytes: int
+    sm_count: int
+    compute_capability: tuple[int, int] | None  # None: Triton's interpreter
+
+    def problem(self, gemm: str) -> Problem:
+        from .space import Problem  # space.py reads its `switches:` section through this module
+
+        return Problem.for_gemm(gemm, self.M, self.E, self.N, self.K, self.topk, self.dtype_bytes)
+
+
+def _output_tiles(problem: Problem, config: LaunchConfig) -> int:
+    """Programs of the worst-case grid of one GEMM (no split)."""
+    return problem.num_m_blocks(config.block_m) * math.ceil(problem.n_out / config.block_n)
+
+
+def _tma_device(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    capability = t.compute_capability
+    if (s.tma_weights or s.tma_activations) and capability is not None and tuple(capability) < (9, 0):
+        return f"TMA needs compute capability 9.0 or newer, the device has {capability[0]}.{capability[1]}"
+    return None
+
+
+def _tma_box(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    boxes = []
+    if s.tma_weights:
+        boxes += [("GEMM 1 weight", gemm1.block_n, gemm1.block_k, t.K), ("GEMM 2 weight", gemm2.block_n, gemm2.block_k,
+                                                                         t.N)]
+    if s.tma_activations:
+        boxes.append(("GEMM 2 activation", gemm2.block_m, gemm2.block_k, t.N))
+    for what, rows, columns, row_length in boxes:
+        if max(rows, columns) > TMA_MAX_BOX:
+            return f"{what} box {rows}x{columns} has a side over {TMA_MAX_BOX}"
+        if row_length * t.dtype_bytes % TMA_ROW_ALIGNMENT_BYTES:
+            return f"{what} rows of {row_length * t.dtype_bytes} B are not {TMA_ROW_ALIGNMENT_BYTES}-byte aligned"
+    return None
+
+
+def _sorted_block_m(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    return s.config_problem(gemm1, gemm2)
+
+
+def _fused_shared_memory(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if not s.fuse_activation:
+        return None
+    unfit = gemm1.fit_problem(t.dtype_bytes, t.shared_memory_bytes, weight_tiles=s.weight_tiles)
+    return None if unfit is None else f"fuse_activation: GEMM 1 with gate and up tiles: {unfit}"
+
+
+def _split_k_tiles(t: LayerTarget, gemm1: LaunchConfig, gemm2: LaunchConfig) -> int:
+    """Output tiles of the GEMM with fewer: split-K runs in both, and pays where either
+    leaves SMs without a tile to stream weights for."""
+    return min(_output_tiles(t.problem("gemm1"), gemm1), _output_tiles(t.problem("gemm2"), gemm2))
+
+
+def _split_k_grid(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if s.split_k > 1 and _split_k_tiles(t, gemm1, gemm2) > t.sm_count:
+        return f"split_k: each GEMM has more output tiles than SMs ({t.sm_count})"
+    return None
+
+
+def _split_k_programs(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    tiles = _split_k_tiles(t, gemm1, gemm2) if s.split_k > 1 else 0
+    if tiles * s.split_k > SPLIT_K_MAX_WAVES * t.sm_count:
+        return f"split_k {s.split_k}: {tiles} tiles x {s.split_k} > {SPLIT_K_MAX_WAVES} programs per SM"
+    return None
+
+
+def _split_k_whole_tiles(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if s.split_k == 1:
+        return None
+    for what, config, k_in in (("GEMM 1", gemm1, t.K), ("GEMM 2", gemm2, t.N)):
+        k_tiles = math.ceil(k_in / config.block_k)
+        if k_tiles % s.split_k:
+            return f"split_k {s.split_k}: {what}'s {k_tiles} K tiles of {config.block_k} do not split evenly"
+    return None
+
+
+def _persistent_grid(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if not s.persistent:
+        return None
+    tiles = max(_output_tiles(t.problem("gemm1"), gemm1), _output_tiles(t.problem("gemm2"), gemm2))
+    if tiles < PERSISTENT_MIN_WAVES * t.sm_count:
+        return f"persistent: the largest grid has {tiles} programs, under {PERSISTENT_MIN_WAVES} per SM"
+    return None
+
+
+# name -> rule, in the order they are checked (the module's docstring says why each).
+SWITCH_RULES = {
+    "tma_device": _tma_device,
+    "tma_box": _tma_box,
+    "sorted_block_m": _sorted_block_m,
+    "fused_shared_memory": _fused_shared_memory,
+    "split_k_grid": _split_k_grid,
+    "split_k_programs": _split_k_programs,
+    "split_k_whole_tiles": _split_k_whole_tiles,
+    "persistent_grid": _persistent_grid,
+}
+
+
+def switch_prune_reason(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig,
+                        target: LayerTarget) -> str | None:
+    """None when `switches` may run with these configs at this batch size, else why not."""
+    for rule in SWITCH_RULES.values():
+        reason = rule(switches, gemm1, gemm2, target)
+        if reason is not None:
+            return reason
+    return None
+
+
+def with_setting(switches: Switches, setting: Mapping[str, Any]) -> Switches | None:
+    """`switches` with `setting` on top; None when the kernels cannot run the combination."""
+    try:
+        return Switches(**{**{name: getattr(switches, name) for name in SWITCH_NAMES}, **setting})
+    except SwitchError:
+        return None
