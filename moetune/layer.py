@@ -369,7 +369,8 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     m, k = hidden_states.shape
     gemm1, gemm2 = _kernel_config(gemm1), _kernel_config(gemm2)
     if out is None:
-        out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
+        shape = (m, k) if combine else (m, topk_ids.shape[1], k)
+        out = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
     quantized = fp8.kernel_arguments() if fp8 is not None else {}
     if Variant(variant) is Variant.UNFUSED:
