@@ -1,4 +1,6 @@
-"""SiLU-and-mul: out = silu(gate) * up, gate in the first N columns, up in the second N.
+"""SiLU-and-mul: out = silu(gate) * up, gate in the first N columns, up in the second N;
+or GeLU-and-mul, gelu(gate) * up, with `activation="gelu"` (the exact erf form, as vLLM's
+GeluAndMul by default and SGLang's gelu_and_mul compute it).
 
 This is how vLLM and SGLang lay out w1 (gate rows first, then up rows), so GEMM 1's output
 row [2N] splits in two halves.
@@ -28,6 +30,24 @@ from .quantize import FP8_DTYPE, LiveRows, emulate_fp8_cast, group_block, live_r
 
 QUANT_NONE, QUANT_AMAX, QUANT_GROUPS = 0, 1, 2
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ACTIVATIONS = ("silu", "gelu")  # of the gate, as the frameworks' fused_experts name them
+
+
+def check_activation(activation) -> bool:
+    """Whether the activation is GeLU (else SiLU); ValueError naming anything else."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    return activation == "gelu"
+
+
+@triton.jit
+def gate_activation(gate, GELU: tl.constexpr):
+    """silu(gate), or gelu(gate) = gate * Phi(gate) with GELU; fp32 in, fp32 out."""
+    if GELU:
+        activated = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:
+        activated = gate / (1.0 + tl.exp(-gate))
+    return activated
 
 
 @triton.jit
@@ -57,6 +77,7 @@ def _silu_and_mul_kernel(
     GROUP: tl.constexpr,
     ROUNDING: tl.constexpr,  # fp8: the activation dtype (_round), which the quantized values are rounded to
     EMULATE: tl.constexpr,
+    GELU: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # The grid covers every row; dead rows (padding, other ranks' slots) are skipped.
@@ -74,8 +95,8 @@ def _silu_and_mul_kernel(
     if QUANT != 0 and SPLITS > 1:  # rounded as GEMM 1 stores them without split-K (module doc: fp8)
         gate = _round(gate, ROUNDING)
         up = _round(up, ROUNDING)
-    # silu(g) = g * sigmoid(g), computed in fp32 and rounded once
-    result = gate / (1.0 + tl.exp(-gate)) * up
+    # the gate's activation times up, in fp32, rounded once at the store
+    result = gate_activation(gate, GELU) * up
     if QUANT == 2:
         result = _round(result, ROUNDING)
         groups = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
@@ -89,7 +110,7 @@ def _silu_and_mul_kernel(
 
 
 def _launch_silu(x: torch.Tensor, out: torch.Tensor, live: LiveRows, *, scales=None, amax=None,
-                 group: int | None = None, rounding: torch.dtype = torch.float32) -> None:
+                 group: int | None = None, rounding: torch.dtype = torch.float32, activation: str = "silu") -> None:
     splits, rows, two_n = x.shape if x.dim() == 3 else (1, *x.shape)
     n = two_n // 2
     if rows == 0:
@@ -105,12 +126,14 @@ def _launch_silu(x: torch.Tensor, out: torch.Tensor, live: LiveRows, *, scales=N
         x, out, scales if scales is not None else x, amax if amax is not None else x, *live.kernel_args(x), n,
         x.stride(-2), out.stride(0), x.stride(0) if splits > 1 else 0, scales.stride(0) if scales is not None else 0,
         BLOCK_N=block_n, **live.flags(), SPLITS=splits, QUANT=quant, GROUP=group or 1,
-        ROUNDING=_ROUNDING[rounding], EMULATE=emulate_fp8_cast(), num_warps=4 if block_n >= 512 else 1)
+        ROUNDING=_ROUNDING[rounding], EMULATE=emulate_fp8_cast(), GELU=check_activation(activation),
+        num_warps=4 if block_n >= 512 else 1)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: AlignedTokens | None = None,
-                 num_slots: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [rows, 2N] -> silu(x[:, :N]) * x[:, N:] as [rows, N] in x's dtype (or `dtype`).
+                 num_slots: int = 0, dtype: torch.dtype | None = None, activation: str = "silu") -> torch.Tensor:
+    """x [rows, 2N] -> silu(x[:, :N]) * x[:, N:] (gelu with activation="gelu") as [rows, N]
+    in x's dtype (or `dtype`).
 
     A 3-D x [splits, rows, 2N] is summed over its first dimension first.
 
@@ -121,25 +144,25 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: A
     rows, two_n = x.shape[-2:]
     if out is None:
         out = torch.empty(rows, two_n // 2, dtype=dtype or x.dtype, device=x.device)
-    _launch_silu(x, out, LiveRows(aligned=aligned, num_slots=num_slots))
+    _launch_silu(x, out, LiveRows(aligned=aligned, num_slots=num_slots), activation=activation)
     return out
 
 
-def silu_and_mul_fp8(x: torch.Tensor, group_size: int | None, *, dtype: torch.dtype, live: LiveRows
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_and_mul_fp8(x: torch.Tensor, group_size: int | None, *, dtype: torch.dtype, live: LiveRows,
+                     activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, 2N] (or [splits, rows, 2N] fp32 partials) -> (fp8 [rows, N], fp32 scales) of
-    silu(gate) * up rounded to `dtype`: scales [rows, ceil(N / group_size)] per token and
-    group, or [1] for the whole tensor (group_size None: two more kernels, see module doc).
-    Only `live` rows are computed (and count in the per-tensor scale); the others are left
-    unwritten."""
+    silu(gate) * up (gelu with activation="gelu") rounded to `dtype`: scales
+    [rows, ceil(N / group_size)] per token and group, or [1] for the whole tensor
+    (group_size None: two more kernels, see module doc). Only `live` rows are computed (and
+    count in the per-tensor scale); the others are left unwritten."""
     rows, two_n = x.shape[-2:]
     n = two_n // 2
     if group_size is None:
-        activation = torch.empty(rows, n, dtype=dtype, device=x.device)
+        gated = torch.empty(rows, n, dtype=dtype, device=x.device)
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-        _launch_silu(x, activation, live, amax=amax, rounding=dtype)
-        return quantize_per_tensor(activation, live=live, amax=amax)
+        _launch_silu(x, gated, live, amax=amax, rounding=dtype, activation=activation)
+        return quantize_per_tensor(gated, live=live, amax=amax)
     q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty(rows, triton.cdiv(n, group_size), dtype=torch.float32, device=x.device)
-    _launch_silu(x, q, live, scales=scales, group=group_size, rounding=dtype)
+    _launch_silu(x, q, live, scales=scales, group=group_size, rounding=dtype, activation=activation)
     return q, scales

@@ -1,7 +1,8 @@
 """The expert part of the layer after alignment, honouring the kernel switches.
 
-GEMM 1 (w1, gate+up) -> SiLU-and-mul -> GEMM 2 (w2, times router weight) -> top-k sum,
-the sum either by the reduce kernel (STORE epilogue) or by GEMM 2's atomic adds into out.
+GEMM 1 (w1, gate+up) -> SiLU-and-mul (or GeLU-and-mul) -> GEMM 2 (w2, times router weight)
+-> top-k sum, the sum either by the reduce kernel (STORE epilogue) or by GEMM 2's atomic adds
+into out; or no sum (combine=False): GEMM 2 stores each slot's row into out [M, topk, K].
 
 fp8 weights (w1_scale / w2_scale given): hidden_states are quantized before GEMM 1 (per
 tensor, or per token in groups of block_k), and GEMM 2's input after the activation: the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .activation import silu_and_mul, silu_and_mul_fp8
+from .activation import check_activation, silu_and_mul, silu_and_mul_fp8
 from .align import AlignedTokens
 from .gemm_operands import FP8_DTYPE, check_block_k
 from .grouped_gemm import grouped_gemm
@@ -66,7 +67,8 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 gemm2_config: dict, switches: KernelSwitches = OFF, *, atomic_add: bool, out: torch.Tensor,
                 weight_scale: float = 1.0, atomic_sem: str = "relaxed", num_programs: int | None = None,
                 w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                block_shape: list[int] | tuple[int, int] | None = None) -> torch.Tensor:
+                block_shape: list[int] | tuple[int, int] | None = None, activation: str = "silu",
+                combine: bool = True) -> torch.Tensor:
     """out [M, K] = the MoE layer's expert part; inputs validated as the layer does.
 
     aligned1 / aligned2: alignments of topk_ids at the configs' BLOCK_SIZE_M. With
@@ -81,7 +83,13 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     moetune.quant.quantize_weights makes them (per expert [E] for block_shape None, per
     block_n x block_k block otherwise); hidden_states stay in the activation dtype, as does
     `out`. Both configs' BLOCK_SIZE_K must divide block_k.
+    activation: "silu" or "gelu", of the gate (kernels/activation.py).
+    combine=False (STORE only): `out` is [M, topk, K], each slot's output times its router
+    weight, not summed; slots whose expert is not in [0, E) hold zeros.
     """
+    check_activation(activation)
+    if not combine and atomic_add:
+        raise ValueError("combine=False needs the STORE epilogue: GEMM 2's atomic adds sum over top-k")
     switches.validate()
     switches.check_configs(gemm1_config, gemm2_config)
     fp8 = w1_scale is not None or w2_scale is not None or FP8_DTYPE in (w1.dtype, w2.dtype)
@@ -111,20 +119,21 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             LiveRows(slot_experts=topk_ids, num_experts=num_experts)
 
     if switches.fuse_activation:
-        activation = torch.empty(rows, two_n // 2, dtype=dtype, device=device)
-        grouped_gemm(a1, w1, activation, aligned1, gemm1_config, fuse_activation=True, **gemm1)
+        gated = torch.empty(rows, two_n // 2, dtype=dtype, device=device)
+        grouped_gemm(a1, w1, gated, aligned1, gemm1_config, fuse_activation=True, activation=activation, **gemm1)
         if fp8:
-            activation, a2_scale = quantize_per_token_group(activation, group, live=live) if group else \
-                quantize_per_tensor(activation, live=live)
+            gated, a2_scale = quantize_per_token_group(gated, group, live=live) if group else \
+                quantize_per_tensor(gated, live=live)
     else:
         # Split-K leaves fp32 partials, which the activation kernel sums.
         gate_up = torch.empty(split_k, rows, two_n, dtype=torch.float32, device=device) if split_k > 1 else \
             torch.empty(rows, two_n, dtype=dtype, device=device)
         grouped_gemm(a1, w1, gate_up, aligned1, gemm1_config, **gemm1)
         if fp8:
-            activation, a2_scale = silu_and_mul_fp8(gate_up, group, dtype=dtype, live=live)
+            gated, a2_scale = silu_and_mul_fp8(gate_up, group, dtype=dtype, live=live, activation=activation)
         else:
-            activation = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots, dtype=dtype)
+            gated = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots, dtype=dtype,
+                                 activation=activation)
     if fp8:
         gemm2.update(a_scale=a2_scale, b_scale=w2_scale, block_shape=block)
 
@@ -132,12 +141,28 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         # Tokens whose experts all live on other ranks keep the zero; with split-K every
         # split adds its partial.
         out.zero_()
-        grouped_gemm(activation, w2, out, aligned2, gemm2_config, atomic_add=True, atomic_sem=atomic_sem, **gemm2)
+        grouped_gemm(gated, w2, out, aligned2, gemm2_config, atomic_add=True, atomic_sem=atomic_sem, **gemm2)
         return out
+    if not combine:
+        return _store_slots(gated, w2, aligned2, gemm2_config, gemm2, out, split_k)
     if split_k > 1:  # fp32 partials, summed by the top-k sum
         down = torch.empty(split_k, m, topk, k, dtype=torch.float32, device=device)
-        grouped_gemm(activation, w2, down.view(split_k, slots, k), aligned2, gemm2_config, **gemm2)
+        grouped_gemm(gated, w2, down.view(split_k, slots, k), aligned2, gemm2_config, **gemm2)
     else:
         down = torch.empty(m, topk, k, dtype=dtype, device=device)
-        grouped_gemm(activation, w2, down.view(slots, k), aligned2, gemm2_config, **gemm2)
+        grouped_gemm(gated, w2, down.view(slots, k), aligned2, gemm2_config, **gemm2)
     return topk_sum(down, topk_ids, num_experts, out)
+
+
+def _store_slots(gated: torch.Tensor, w2: torch.Tensor, aligned2: AlignedTokens, gemm2_config: dict, gemm2: dict,
+                 out: torch.Tensor, split_k: int) -> torch.Tensor:
+    """GEMM 2 stores each slot's row into out [M, topk, K] (contiguous), no top-k sum. The
+    GEMM never writes a slot whose expert lives on another rank: zeroed first."""
+    m, topk, k = out.shape
+    if split_k == 1:
+        out.zero_()
+        grouped_gemm(gated, w2, out.view(m * topk, k), aligned2, gemm2_config, **gemm2)
+        return out
+    partials = torch.zeros(split_k, m * topk, k, dtype=torch.float32, device=out.device)
+    grouped_gemm(gated, w2, partials, aligned2, gemm2_config, **gemm2)
+    return out.copy_(partials.sum(dim=0).view(m, topk, k))

@@ -5,6 +5,8 @@ describes the epilogues, the switches and the fp8 modes.
 import triton
 import triton.language as tl
 
+from .activation import gate_activation
+
 QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK = 0, 1, 2
 
 
@@ -34,6 +36,7 @@ def _gemm_tile(
     DOT_IN_FP32: tl.constexpr, ATOMIC_SEM: tl.constexpr,
     A_SORTED: tl.constexpr, C_SORTED: tl.constexpr, FUSE_SILU: tl.constexpr, TMA_B: tl.constexpr,
     TMA_A: tl.constexpr, SPLIT_K: tl.constexpr, QUANT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    GELU: tl.constexpr,
 ):
     """One BLOCK_SIZE_M x BLOCK_SIZE_N output tile (of K split `split` when SPLIT_K > 1)."""
     offs_row = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
@@ -127,8 +130,9 @@ def _gemm_tile(
             # whichever path computed it (a rounding here can tip an fp8 value over).
             acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
             acc_up = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
-        # silu(g) * u in fp32 as the activation kernel computes it, rounded once at the store.
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        # silu(g) * u (gelu with GELU) in fp32 as the activation kernel computes it, rounded
+        # once at the store.
+        acc = gate_activation(acc, GELU) * acc_up
 
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)
@@ -193,6 +197,7 @@ def _grouped_gemm_kernel(
     PERSISTENT: tl.constexpr,
     # fp8 operands (module doc): QUANT_NONE / QUANT_PER_TENSOR / QUANT_BLOCK, block_shape
     QUANT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    GELU: tl.constexpr,  # FUSE_SILU's activation is gelu(gate) * up instead (kernels/activation.py)
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
@@ -231,7 +236,7 @@ def _grouped_gemm_kernel(
                    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
                    weight_scale, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, A_ROWS_PER_SLOT, TOPK,
                    MUL_ROUTED_WEIGHT, EPILOGUE, DOT_IN_FP32, ATOMIC_SEM, A_SORTED, C_SORTED, FUSE_SILU, TMA_B,
-                   TMA_A, SPLIT_K, QUANT, GROUP_N, GROUP_K)
+                   TMA_A, SPLIT_K, QUANT, GROUP_N, GROUP_K, GELU)
     else:
         for tile in range(pid, tiles_per_split * SPLIT_K, tl.num_programs(0)):
             split = tile // tiles_per_split
@@ -243,4 +248,4 @@ def _grouped_gemm_kernel(
                        stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
                        weight_scale, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, A_ROWS_PER_SLOT, TOPK,
                        MUL_ROUTED_WEIGHT, EPILOGUE, DOT_IN_FP32, ATOMIC_SEM, A_SORTED, C_SORTED, FUSE_SILU, TMA_B,
-                       TMA_A, SPLIT_K, QUANT, GROUP_N, GROUP_K)
+                       TMA_A, SPLIT_K, QUANT, GROUP_N, GROUP_K, GELU)

@@ -50,6 +50,7 @@ import triton
 
 from triton.runtime.interpreter import InterpretedFunction
 
+from .activation import check_activation
 from .align import AlignedTokens
 from .gemm_operands import FP8_DTYPE, Fp8Scales, GemmSwitches, check_block_k, check_fp8_operands, check_gemm_switches, \
     check_operands
@@ -142,7 +143,8 @@ def _ensure_allocator() -> None:
 
 def _launch(pointers, geometry: GemmGeometry, config: dict, switches: GemmSwitches, *, weight_scale: float,
             a_rows_per_slot: int, topk: int, mul_routed_weight: bool, atomic_add: bool, atomic_sem: str,
-            dot_in_fp32: bool, num_programs: int, fp8: bool = False, block_shape: tuple[int, int] | None = None):
+            dot_in_fp32: bool, num_programs: int, fp8: bool = False, block_shape: tuple[int, int] | None = None,
+            gelu: bool = False):
     g, s = geometry, switches
     if (s.tma_weights or s.tma_activations) and not INTERPRETED:
         _ensure_allocator()
@@ -165,7 +167,7 @@ def _launch(pointers, geometry: GemmGeometry, config: dict, switches: GemmSwitch
         A_SORTED=s.a_sorted, C_SORTED=s.c_sorted, FUSE_SILU=s.fuse_activation,
         TMA_B=s.tma_weights, TMA_A=s.tma_activations, SPLIT_K=s.split_k, PERSISTENT=s.persistent,
         QUANT=QUANT_NONE if not fp8 else QUANT_PER_TENSOR if block_shape is None else QUANT_BLOCK,
-        GROUP_N=block_shape[0] if block_shape else 1, GROUP_K=block_shape[1] if block_shape else 1,
+        GROUP_N=block_shape[0] if block_shape else 1, GROUP_K=block_shape[1] if block_shape else 1, GELU=gelu,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
@@ -194,6 +196,7 @@ def grouped_gemm(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """out[...] = a[rows] @ weights[expert]^T for every aligned block (see module doc).
 
@@ -207,7 +210,8 @@ def grouped_gemm(
     aligned.sorted_ids.numel(), row p for aligned position p (STORE only); a_sorted reads
     `a` the same way, so it must come from a c_sorted GEMM over the very same `aligned`.
     fuse_activation (GEMM 1: weights [E, 2N, K], gate rows then up rows) stores
-    silu(gate) * up into `out` [slots or capacity, N]. tma_weights / tma_activations load
+    silu(gate) * up into `out` [slots or capacity, N] (gelu(gate) * up with
+    activation="gelu"). tma_weights / tma_activations load
     weight / A tiles through tensor descriptors (tma_activations only with a_sorted); both
     need the tensor's last stride 1, its other strides and its address 16-byte aligned.
     split_k > 1: with STORE, `out` is [split_k, rows, N_out] float32 and holds each split's
@@ -240,6 +244,7 @@ def grouped_gemm(
             mul_routed_weight=topk_weights is not None, atomic_add=atomic_add, atomic_sem=atomic_sem,
             num_programs=num_programs if num_programs is not None else default_num_programs(a.device),
             fp8=fp8 is not None, block_shape=fp8.block_shape if fp8 else None,
+            gelu=check_activation(activation) and fuse_activation,
             # Triton 3.6's interpreter multiplies bf16 as raw 16-bit integers; upcasting
             # there is exact, and compiled kernels never take this path.
             dot_in_fp32=INTERPRETED and a.dtype == torch.bfloat16)

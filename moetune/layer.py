@@ -1,9 +1,11 @@
 """The public MoE layer: fused_experts / fused_moe. Validates input, picks configs, runs the kernels.
 
-Data path: align token slots per expert -> GEMM 1 (w1, gate+up) -> SiLU-and-mul ->
-GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two variants:
+Data path: align token slots per expert -> GEMM 1 (w1, gate+up) -> SiLU-and-mul (or
+GeLU-and-mul) -> GEMM 2 (w2, times router weight) -> sum over top-k. The last step has two
+variants:
   "unfused": GEMM 2 stores [M, topk, K] and a reduce kernel sums in fp32;
   "fused":   GEMM 2 atomically adds into out[M, K] (zeroed first), no reduce kernel.
+no_combine returns the unfused variant's [M, topk, K] without the sum.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from .device import INTERPRET_ENV, interpreter_enabled
 from .kernels import align_tokens, run_experts, select_experts
+from .kernels.activation import check_activation
 from .kernels.routing import check_routing
 from .loader import get_config, warn_once
 from .quant import FP8_DTYPE, check_block_shape
@@ -32,6 +35,23 @@ def _check_tensor(name: str, tensor: Any, ndim: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def _check_output_options(activation, no_combine, inplace, out, variant) -> None:
+    """The activation and the output's form, checked before routing or any kernel."""
+    check_activation(activation)
+    if not isinstance(no_combine, bool):
+        raise TypeError(f"no_combine must be a bool, got {no_combine!r}")
+    if not no_combine:
+        return
+    if inplace:
+        raise ValueError("no_combine=True returns [M, top-k, K], which cannot be written into hidden_states: "
+                         "do not pass inplace=True as well")
+    if out is not None:
+        raise ValueError("no_combine=True returns a new [M, top-k, K] tensor: do not pass out as well")
+    if variant is not None and Variant.parse(variant) is not Variant.UNFUSED:
+        raise ValueError(f"no_combine=True needs the unfused variant (its GEMM 2 stores each slot's row), "
+                         f"got variant={variant!r}")
 
 
 def _check_inputs(hidden_states, w1, w2, topk_weights, topk_ids, out, global_experts: int) -> None:
@@ -202,6 +222,8 @@ def fused_experts(
     w1_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_shape: list[int] | None = None,
+    activation: str = "silu",
+    no_combine: bool = False,
 ) -> torch.Tensor:
     """The MoE layer given the routing: hidden_states [M, K], w1 [E, 2N, K], w2 [E, K, N].
 
@@ -230,7 +252,14 @@ def fused_experts(
         ceil(K/bk)] and [E, ceil(K/bn), ceil(N/bk)]). Activations are quantized on the fly
         (per tensor, or per token and group of block_k columns); out keeps hidden_states'
         dtype. use_fp8_w8a8 None infers it from the weights' dtype.
-    Returns out [M, K] in the input dtype.
+    activation: "silu" (silu(gate) * up) or "gelu" (gelu(gate) * up, gelu's exact erf form
+        as vLLM's GeluAndMul and SGLang's gelu_and_mul compute it).
+    no_combine: return [M, topk, K], each slot's expert output times its router weight (and
+        routed_scaling_factor, so that the sum over top-k is the combined output; SGLang
+        leaves that factor out), zeros for slots of experts on other ranks. Runs the
+        unfused variant's GEMM 2 store and skips the top-k sum; the fused variant, inplace
+        and out are refused with it.
+    Returns out [M, K] (or [M, topk, K]) in the input dtype.
     """
     if variant is not None:
         variant = Variant.parse(variant)
@@ -239,6 +268,9 @@ def fused_experts(
     if routed_scaling_factor is not None and not isinstance(routed_scaling_factor, (int, float)):
         raise TypeError(f"routed_scaling_factor must be a number, got {routed_scaling_factor!r}")
     fp8 = _fp8_requested(use_fp8_w8a8, w1, w2, w1_scale, w2_scale, block_shape)
+    _check_output_options(activation, no_combine, inplace, out, variant)
+    if no_combine:
+        variant = Variant.UNFUSED
     if inplace:
         if out is not None:
             raise ValueError("inplace=True writes into hidden_states: do not pass out as well")
@@ -257,7 +289,8 @@ def fused_experts(
     num_experts = w1.shape[0]
     topk = topk_ids.shape[1]
     if out is None:
-        out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
+        shape = (m, topk, k) if no_combine else (m, k)
+        out = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device)
     if m == 0:
         return out
     quant = _fp8_table_dtype(tuple(block_shape) if block_shape is not None else None) if fp8 else None
@@ -271,7 +304,8 @@ def fused_experts(
     return run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
                        variant=variant, routed_scaling_factor=routed_scaling_factor, out=out,
                        accumulation=accumulation, switches=switches,
-                       fp8=Fp8Weights(w1_scale, w2_scale, block_shape) if fp8 else None)
+                       fp8=Fp8Weights(w1_scale, w2_scale, block_shape) if fp8 else None,
+                       activation=activation, combine=not no_combine)
 
 
 def _kernel_config(config: LaunchConfig | Mapping) -> Mapping[str, int]:
@@ -318,8 +352,10 @@ def _fp8_requested(use_fp8_w8a8, w1, w2, w1_scale, w2_scale, block_shape) -> boo
 
 def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, *,
                 variant, routed_scaling_factor=None, out=None, accumulation=None, atomic_sem="relaxed",
-                switches: Switches = OFF, fp8: Fp8Weights | None = None):
-    """The layer after alignment, on validated input.
+                switches: Switches = OFF, fp8: Fp8Weights | None = None, activation: str = "silu",
+                combine: bool = True):
+    """The layer after alignment, on validated input; combine=False (unfused only) returns
+    out [M, topk, K] without the top-k sum.
 
     `moetune compare` times this alone, routing and alignment outside, so that its timings
     compare with other MoE kernels timed that way. The tuner's pair choice times alignment
@@ -328,18 +364,21 @@ def run_aligned(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned
     m, k = hidden_states.shape
     gemm1, gemm2 = _kernel_config(gemm1), _kernel_config(gemm2)
     if out is None:
-        out = torch.empty(m, k, dtype=hidden_states.dtype, device=hidden_states.device)
+        shape = (m, k) if combine else (m, topk_ids.shape[1], k)
+        out = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
     quantized = fp8.kernel_arguments() if fp8 is not None else {}
     if Variant(variant) is Variant.UNFUSED:
         return run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2,
-                           switches, atomic_add=False, out=out, weight_scale=scale, **quantized)
+                           switches, atomic_add=False, out=out, weight_scale=scale, activation=activation,
+                           combine=combine, **quantized)
     # Fused: every (token, k) slot adds into the zeroed target; tokens whose experts all
     # live on other ranks keep the zero.
     target = out if accumulation is None or out.dtype == torch.float32 else \
         torch.empty(m, k, dtype=torch.float32, device=out.device)
     run_experts(hidden_states, w1, w2, topk_weights, topk_ids, aligned1, aligned2, gemm1, gemm2, switches,
-                atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem, **quantized)
+                atomic_add=True, out=target, weight_scale=scale, atomic_sem=atomic_sem, activation=activation,
+                combine=combine, **quantized)
     if target is not out:
         out.copy_(target)
     return out
@@ -368,6 +407,8 @@ def fused_moe(
     weights renormalized over the top-k when `renormalize`. Under expert parallelism
     (`expert_map` in kwargs) router_logits cover all global experts.
     """
+    _check_output_options(kwargs.get("activation", "silu"), kwargs.get("no_combine", False),
+                          kwargs.get("inplace", False), kwargs.get("out"), kwargs.get("variant"))
     _check_tensor("router_logits", router_logits, 2)
     _check_tensor("w1", w1, 3)
     _check_tensor("hidden_states", hidden_states, 2)

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from .reference import gate_activation
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # A block of zeros gets this scale instead of 0, so dequantizing never divides by zero.
@@ -138,16 +140,17 @@ def fp8_tolerance(block_shape: Sequence[int] | None) -> float:
 
 def fp8_moe_reference(hidden_states: torch.Tensor, w1_q: torch.Tensor, w2_q: torch.Tensor, w1_scale: torch.Tensor,
                       w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      block_shape: Sequence[int] | None = None, routed_scaling_factor: float | None = None
-                      ) -> torch.Tensor:
+                      block_shape: Sequence[int] | None = None, routed_scaling_factor: float | None = None,
+                      activation: str = "silu") -> torch.Tensor:
     """The fp8 MoE layer in float64, its activations quantized as the kernels quantize them.
 
     w1_q [E, 2N, K] and w2_q [E, K, N] are fp8 with scales as quantize_weights makes them;
     they are dequantized exactly. hidden_states (the activation dtype) are quantized per
     tensor or per token and group of block_k; GEMM 1's result is rounded to the activation
-    dtype (as the kernel stores it), silu(gate) * up is computed and rounded to the
-    activation dtype again, then quantized the same way (per tensor: one scale over the
-    slots routed to experts in [0, E)); GEMM 2 and the router-weighted top-k sum follow.
+    dtype (as the kernel stores it), silu(gate) * up (gelu with activation="gelu") is
+    computed and rounded to the activation dtype again, then quantized the same way (per
+    tensor: one scale over the slots routed to experts in [0, E)); GEMM 2 and the
+    router-weighted top-k sum follow.
     Slots whose expert id is outside [0, E) contribute nothing (expert parallelism).
     """
     block = check_block_shape(block_shape)
@@ -164,16 +167,16 @@ def fp8_moe_reference(hidden_states: torch.Tensor, w1_q: torch.Tensor, w2_q: tor
         return dequantize_weights(w_q[expert:expert + 1], scale[expert:expert + 1], block)[0]
 
     routed = [torch.nonzero(ids == expert, as_tuple=True) for expert in range(num_experts)]
-    activation = torch.zeros(ids.numel(), n, dtype=torch.float64, device=device)  # one row per slot
+    gated = torch.zeros(ids.numel(), n, dtype=torch.float64, device=device)  # one row per slot
     for expert, (token, k) in enumerate(routed):
         if token.numel():
             h = (x[token] @ expert_weights(w1_q, w1_scale, expert).T).to(dtype).double()
-            act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
-            activation[token * ids.shape[1] + k] = act.to(dtype).double()
+            act = gate_activation(h[:, :n], activation) * h[:, n:]
+            gated[token * ids.shape[1] + k] = act.to(dtype).double()
     live = ((ids >= 0) & (ids < num_experts)).reshape(-1)
-    quantized = torch.zeros_like(activation)
+    quantized = torch.zeros_like(gated)
     if live.any():
-        q, scale = quantize_activations(activation[live].to(dtype), group)
+        q, scale = quantize_activations(gated[live].to(dtype), group)
         quantized[live] = dequantize_activations(q, scale, group)
 
     out = torch.zeros(x.shape[0], w2_q.shape[1], dtype=torch.float64, device=device)

@@ -26,6 +26,15 @@ def routing_reference(router_logits: torch.Tensor, topk: int, renormalize: bool)
     return weights, ids
 
 
+def gate_activation(gate: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """silu(gate) or gelu(gate) (the exact erf form), as the kernels' activation names them."""
+    if activation == "gelu":
+        return torch.nn.functional.gelu(gate)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate)
+    raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+
+
 def moe_reference(
     hidden_states: torch.Tensor,
     w1: torch.Tensor,
@@ -33,8 +42,11 @@ def moe_reference(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     routed_scaling_factor: float | None = None,
+    activation: str = "silu",
+    combine: bool = True,
 ) -> torch.Tensor:
-    """sum_k weight[m, k] * w2[e] @ (silu(w1[e, :N] @ x) * (w1[e, N:] @ x)), e = ids[m, k], in float64.
+    """sum_k weight[m, k] * w2[e] @ (silu(w1[e, :N] @ x) * (w1[e, N:] @ x)), e = ids[m, k], in float64
+    (gelu for silu with activation="gelu"); with combine=False the [M, topk, K] terms of that sum.
 
     Slots whose expert id falls outside [0, E) contribute nothing (expert parallelism).
     """
@@ -45,23 +57,25 @@ def moe_reference(
     ids = topk_ids.detach().long()
     num_experts, two_n, _ = w1.shape
     n = two_n // 2
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64, device=x.device)
+    topk = ids.shape[1]
+    out = torch.zeros(x.shape[0] * (1 if combine else topk), w2.shape[1], dtype=torch.float64, device=x.device)
     for expert in range(num_experts):
         token, k = torch.nonzero(ids == expert, as_tuple=True)
         if token.numel() == 0:
             continue
         h = x[token] @ w1[expert].detach().double().T
-        act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+        act = gate_activation(h[:, :n], activation) * h[:, n:]
         y = (act @ w2[expert].detach().double().T) * weights[token, k][:, None]
-        out.index_add_(0, token, y)
+        out.index_add_(0, token if combine else token * topk + k, y)
     if routed_scaling_factor is not None:
         out *= routed_scaling_factor
-    return out
+    return out if combine else out.view(x.shape[0], topk, -1)
 
 
-def fused_moe_reference(hidden_states, w1, w2, router_logits, topk, *, renormalize=True, routed_scaling_factor=None):
+def fused_moe_reference(hidden_states, w1, w2, router_logits, topk, *, renormalize=True, routed_scaling_factor=None,
+                        activation="silu"):
     weights, ids = routing_reference(router_logits, topk, renormalize)
-    return moe_reference(hidden_states, w1, w2, weights, ids, routed_scaling_factor)
+    return moe_reference(hidden_states, w1, w2, weights, ids, routed_scaling_factor, activation)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,6 +1,8 @@
 """The rest of the frameworks' fused_experts / fused_moe surface, against the float64 reference:
 expert parallelism through an expert map, the router weight on the input, in-place output,
-DeepSeek-V3 routing; and their bad input, named before anything runs."""
+the uncombined [M, top-k, K] output, DeepSeek-V3 routing; and their bad input, named before
+anything runs. tests/test_peer_vllm.py and tests/test_peer_sglang.py run the frameworks' own
+test cases, GeLU among them."""
 
 import pytest
 import torch
@@ -95,6 +97,24 @@ def test_inplace_writes_the_result_into_the_input(rng, variant):
     assert relative_error(x, expected) <= TOLERANCE[DTYPE]
 
 
+def test_no_combine_under_expert_parallelism_keeps_each_slot_apart(rng, poison_empty):
+    """Each slot's router-weighted output, scaled; another rank's slots are zeros. Split-K's
+    fp32 partials are summed per slot."""
+    M, E, topk = 5, 8, 3
+    x = torch.randn(M, K, generator=rng, dtype=DTYPE)
+    w1, w2 = make_weights(4, N, K, DTYPE, rng)
+    weights, ids = select_experts(torch.randn(M, E, generator=rng), topk, True)
+    expert_map = ep_rank(E, 2, 1)
+    out = fused_experts(x, w1, w2, weights, ids, config=CFG, expert_map=expert_map, no_combine=True,
+                        routed_scaling_factor=2.0, switches={"split_k": 2})
+    mine = expert_map[ids.long()]
+    expected = moe_reference(x, w1, w2, weights, mine, routed_scaling_factor=2.0, combine=False)
+    assert out.shape == (M, topk, K)
+    assert relative_error(out, expected) <= TOLERANCE[DTYPE]
+    assert torch.equal(out[mine < 0], torch.zeros_like(out[mine < 0]))
+    assert relative_error(out.sum(dim=1), moe_reference(x, w1, w2, weights, mine, 2.0)) <= TOLERANCE[DTYPE]
+
+
 def test_deepseek_routing_through_fused_moe(rng, poison_empty):
     M, E, topk = 6, 16, 4
     x = torch.randn(M, K, generator=rng, dtype=DTYPE)
@@ -123,13 +143,17 @@ def _inputs(rng, M=3, E=4, topk=2):
     ({"global_num_experts": 0}, "global_num_experts must be a positive int"),
     ({"apply_router_weight_on_input": True}, "top-k = 1"),
     ({"inplace": True, "out": "given"}, "do not pass out"),
+    ({"activation": "relu"}, "activation must be one of 'silu', 'gelu', got 'relu'"),
+    ({"no_combine": True, "inplace": True}, "do not pass inplace=True"),
+    ({"no_combine": True, "out": "given"}, "do not pass out"),
+    ({"no_combine": True, "variant": "fused"}, "needs the unfused variant"),
 ])
 def test_bad_surface_arguments_are_named(rng, kwargs, words):
     x, w1, w2, weights, ids = _inputs(rng)
     if kwargs.get("out") == "given":
         kwargs = dict(kwargs, out=torch.empty_like(x))
     with pytest.raises(ValueError, match=words):
-        fused_experts(x, w1, w2, weights, ids, variant="unfused", config=CFG, **kwargs)
+        fused_experts(x, w1, w2, weights, ids, config=CFG, **{"variant": "unfused", **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -137,6 +161,7 @@ def test_bad_surface_arguments_are_named(rng, kwargs, words):
     ({"use_grouped_topk": True}, "needs num_expert_group"),
     ({"use_grouped_topk": True, "num_expert_group": 3, "topk_group": 1}, "must divide"),
     ({"scoring_func": "relu"}, "scoring_func"),
+    ({"activation": "swiglu"}, "activation must be one of"),
 ])
 def test_bad_routing_through_fused_moe_is_named(rng, kwargs, words):
     x, w1, w2, _, _ = _inputs(rng)
