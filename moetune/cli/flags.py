@@ -65,6 +65,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"with --dtype {FP8_W8A8}: the weights' scale blocks, e.g. 128,128 as DeepSeek-V3 "
                              f"and the Qwen3 FP8 releases publish them (default: one scale per expert, or a "
                              f"preset's)")
+    parser.add_argument("--ep-size", type=int, default=1, metavar="R",
+                        help="expert-parallel size: tune one rank's local shape, E/R experts, with the routing "
+                             "over all E (the table is named by E/R, as vLLM names it; default 1)")
     parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
     parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
     parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")
