@@ -164,8 +164,8 @@ def local_shape(shape: MoEShape, ep_size: int) -> MoEShape:
         raise UsageError(f"--ep-size {ep_size} does not divide the {shape.E} experts of {shape.describe()}")
     local = shape.E // ep_size
     if local < shape.topk:
-        raise UsageError(f"--ep-size {ep_size} leaves {local} experts per rank, fewer than top-k {shape.topk}: "
-                         f"not supported")
+        raise UsageError(f"--ep-size {ep_size}: {shape.E} experts / {ep_size} = {local} per rank, fewer than "
+                         f"top-k {shape.topk}: not supported")
     return dataclasses.replace(shape, E=local)
 
 

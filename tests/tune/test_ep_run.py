@@ -14,7 +14,10 @@ from moetune.loader import clear_cache
 from moetune.measure import rank_expert_map
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 from moetune.tables import read_record
-from tests.tune.conftest import QUIET, TINY
+from tests.tune.conftest import QUIET, TINY, replace_timings
+
+# One test worker runs the module: its tune runs once.
+pytestmark = pytest.mark.xdist_group("ep_run")
 
 LOCAL_TABLE = "E=2,N=32,K=64,topk=2,dtype=fp16.json"  # TINY has E=4: two ranks of two experts
 
@@ -23,7 +26,7 @@ LOCAL_TABLE = "E=2,N=32,K=64,topk=2,dtype=fp16.json"  # TINY has E=4: two ranks 
     ("0", "--ep-size must be a positive integer, got 0"),
     ("-2", "--ep-size must be a positive integer, got -2"),
     ("3", "--ep-size 3 does not divide the 4 experts of"),
-    ("4", "--ep-size 4 leaves 1 experts per rank, fewer than top-k 2"),
+    ("4", "--ep-size 4: 4 experts / 4 = 1 per rank, fewer than top-k 2"),
 ])
 def test_bad_ep_sizes_are_one_line_before_any_work(ep_size, words, tmp_path, capsys):
     out = tmp_path / "tables"
@@ -37,8 +40,6 @@ def test_bad_ep_sizes_are_one_line_before_any_work(ep_size, words, tmp_path, cap
 def ep_table(tmp_path_factory):
     """A tiny tune of one rank of two (E 4 -> 2 local) in the interpreter, made-up timings."""
     monkeypatch = pytest.MonkeyPatch()
-    from tests.tune.conftest import replace_timings
-
     replace_timings(monkeypatch)
     out = tmp_path_factory.mktemp("ep") / "tables"
     try:
