@@ -57,7 +57,7 @@ def _error(value: float | None, width: int) -> str:
 def report_text(result: ShapeResult, settings: CompareSettings) -> str:
     """Config sources, then one line per batch size; fits in TABLE_WIDTH columns."""
     shape, names = result.plan.shape, result.names
-    lines = [f"{shape.describe()}, tp {settings.tp_size}, {settings.dtype}, on {settings.device.name}"]
+    lines = [f"{shape.describe()}, tp {settings.tp_size}, {settings.table_dtype}, on {settings.device.name}"]
     lines.append("contender   runs     configs from")
     for name in names:
         sources = contender_sources(result.rows, name)
@@ -67,22 +67,36 @@ def report_text(result: ShapeResult, settings: CompareSettings) -> str:
                             break_long_words=False) for note in result.plan.notes]
 
     header = [("M", 6)] + [(f"{SHORT_NAMES[n]} us", 8) for n in names]
-    header += [("f/u", 5), ("unf/rf", 6), ("fus/rf", 6), ("win", 3), ("pick", 4)]
+    if settings.fp8:
+        unquantized = SHORT_NAMES[settings.unquantized]
+        header += [(f"fp8/{unquantized}", 9), ("fp8/base", 8), ("pick", 4)]
+    else:
+        header += [("f/u", 5), ("unf/rf", 6), ("fus/rf", 6), ("win", 3), ("pick", 4)]
     header += [(f"e:{SHORT_NAMES[n]}", 6) for n in names]
     lines.append(" ".join(title.rjust(width) for title, width in header))
     for row in result.rows:
         cells = [str(row.M).rjust(6)]
         cells += [_number(row.us(n), 8) for n in names]
-        cells += [_number(row.speedup, 5, 2), _number(row.roofline_ratio("unfused"), 6, 2),
-                  _number(row.roofline_ratio("fused"), 6, 2), SHORT_NAMES[row.winner].rjust(3),
-                  SHORT_NAMES[row.measured["dispatcher"].contender.variant].rjust(4)]
+        if settings.fp8:
+            cells += [_number(row.ratio("fp8", settings.unquantized), 9, 2), _number(row.ratio("fp8", "baseline"), 8, 2),
+                      SHORT_NAMES[row.measured["fp8"].contender.variant].rjust(4)]
+        else:
+            cells += [_number(row.speedup, 5, 2), _number(row.roofline_ratio("unfused"), 6, 2),
+                      _number(row.roofline_ratio("fused"), 6, 2), SHORT_NAMES[row.winner].rjust(3),
+                      SHORT_NAMES[row.measured["dispatcher"].contender.variant].rjust(4)]
         cells += [_error(row.measured[n].rel_error, 6) for n in names]
         flag = "  !" if any(not m.checked.ok for m in row.measured.values()) else ""
         lines.append(" ".join(cells) + flag)
-    lines.append("us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
-                 "(H200 ceilings);")
-    lines.append(f"win: faster of unf/fus; pick: the dispatcher's variant; e:x: relative error vs float64 "
-                 f"(tolerance {result.tolerance:.0e}, ! above)")
+    if settings.fp8:
+        tolerances = ", ".join(f"{SHORT_NAMES[name]} {tolerance:.0e}" for name, tolerance in result.tolerances.items())
+        lines.append("us: median per layer call; fp8/x: fp8 us / x us; pick: the fp8 layer's variant;")
+        lines.append(f"e:x: relative error vs float64, fp8 with its quantization emulated (tolerance {tolerances}; "
+                     f"! above)")
+    else:
+        lines.append("us: median per layer call; f/u: unfused us / fused us; x/rf: time over the roofline floor "
+                     "(H200 ceilings);")
+        lines.append(f"win: faster of unf/fus; pick: the dispatcher's variant; e:x: relative error vs float64 "
+                     f"(tolerance {result.tolerance:.0e}, ! above)")
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +128,19 @@ def _as_is(value):
 
 # Per batch size, after the contenders' columns.
 SUMMARY_KEYS = ("fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio", "winner", "dispatcher_pick")
+
+
+def summary(result: ShapeResult, row: Row) -> dict:
+    """The per-batch-size figures after the contenders': the variants' speedup, or with fp8
+    the fp8 layer's time over the unquantized layer's and over the shipped configs' (None
+    without those)."""
+    if "fp8" in result.names:
+        unquantized = result.names[1]
+        return {f"fp8_over_{unquantized}": row.ratio("fp8", unquantized), "fp8_over_baseline": row.ratio("fp8", "baseline"),
+                "fp8_pick": row.measured["fp8"].contender.variant}
+    values = (row.speedup, row.roofline_ratio("unfused"), row.roofline_ratio("fused"), row.winner,
+              row.measured["dispatcher"].contender.variant)
+    return dict(zip(SUMMARY_KEYS, values))
 # A contender's CSV columns: `<name>_<suffix>`, from its JSON record's `key`, written by `text`.
 CSV_CONTENDER_FIELDS = (
     ("us", "us", _as_is),
@@ -138,33 +165,31 @@ def row_records(result: ShapeResult) -> list[dict]:
             contenders[name] = {"us": measured.time_us, "rounds_us": list(measured.timing.rounds_us),
                                 "rel_error": measured.rel_error, "variant": c.variant, "source": c.source,
                                 "table_batch_size": c.batch_size, "gemm1": c.gemm1, "gemm2": c.gemm2}
-        summary = (row.speedup, row.roofline_ratio("unfused"), row.roofline_ratio("fused"), row.winner,
-                   row.measured["dispatcher"].contender.variant)
         records.append({"M": row.M, "experts_hit": row.experts_hit, "roofline_us": row.roofline_us,
-                        **dict(zip(SUMMARY_KEYS, summary)), "contenders": contenders})
+                        **summary(result, row), "contenders": contenders})
     return records
 
 
-def csv_columns(names: list[str]) -> list[str]:
+def csv_columns(result: ShapeResult) -> list[str]:
     columns = ["M", "experts_hit", "roofline_us"]
-    for name in names:
+    for name in result.names:
         columns += [f"{name}_{suffix}" for suffix, _, _ in CSV_CONTENDER_FIELDS]
-    return columns + list(SUMMARY_KEYS)
+    return columns + list(summary(result, result.rows[0])) if result.rows else columns
 
 
 def csv_rows(result: ShapeResult) -> list[dict]:
     rows = []
-    for record in row_records(result):
+    for row_result, record in zip(result.rows, row_records(result)):
         row = {key: record[key] for key in ("M", "experts_hit", "roofline_us")}
         for name, contender in record["contenders"].items():
             row.update({f"{name}_{suffix}": text(contender[key]) for suffix, key, text in CSV_CONTENDER_FIELDS})
-        rows.append(row | {key: record[key] for key in SUMMARY_KEYS})
+        rows.append(row | {key: "" if value is None else value for key, value in summary(result, row_result).items()})
     return rows
 
 
 def csv_text(result: ShapeResult) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=csv_columns(result.names), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(result), lineterminator="\n")
     writer.writeheader()
     writer.writerows(csv_rows(result))
     return buffer.getvalue()
@@ -188,7 +213,8 @@ def metadata(settings: CompareSettings) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timing": (f"{GRAPH_TIMER.describe()}; median of {settings.rounds} interleaved rounds"
                    if settings.device.is_gpu else "wall clock under Triton's interpreter: meaningless for speed"),
-        "roofline": "max(bytes / 4.25 TB/s, FLOPs / 807 TFLOP/s): H200 ceilings",
+        "roofline": "max(bytes / 4.25 TB/s, FLOPs / 807 TFLOP/s): H200 ceilings" +
+                    (f" (of the {settings.unquantized} layer)" if settings.fp8 else ""),
         "seed": settings.seed,
     }
 
@@ -203,11 +229,20 @@ def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str
         "metadata": {**meta, "config_sources": {name: contender_sources(result.rows, name) for name in result.names},
                      "notes": result.plan.notes},
         "shape": {"name": shape.name, "E": shape.E, "N": shape.N, "K": shape.K, "topk": shape.topk,
-                  "tp_size": settings.tp_size, "dtype": settings.dtype},
+                  "tp_size": settings.tp_size, "dtype": settings.dtype, **_fp8_shape(settings)},
         "tolerance": result.tolerance,
+        **({"tolerances": result.tolerances} if settings.fp8 else {}),
         "rows": rows,
     }
     return json.dumps(document, indent=2) + "\n"
+
+
+def _fp8_shape(settings: CompareSettings) -> dict:
+    """What the JSON's shape adds for fp8: the scale blocks and the activations' dtype."""
+    if not settings.fp8:
+        return {}
+    block = list(settings.block_shape) if settings.block_shape else None
+    return {"block_shape": block, "activations": settings.unquantized}
 
 
 def _png(draw: Callable) -> bytes:
@@ -244,12 +279,22 @@ def time_plot(result: ShapeResult, title: str) -> bytes:
 
 
 def speedup_plot(result: ShapeResult, title: str) -> bytes:
+    """The fused variant's speedup, or with fp8 the fp8 layer's time ratios."""
+    fp8 = "fp8" in result.names
+
     def draw(axes) -> None:
-        axes.plot([row.M for row in result.rows], [row.speedup for row in result.rows], marker="o")
+        batch_sizes = [row.M for row in result.rows]
+        if fp8:
+            for other in result.names[1:]:
+                axes.plot(batch_sizes, [row.ratio("fp8", other) for row in result.rows], marker="o",
+                          label=f"fp8 µs / {other} µs")
+            axes.legend()
+        else:
+            axes.plot(batch_sizes, [row.speedup for row in result.rows], marker="o")
         axes.axhline(1.0, color="gray", linestyle="--")
         axes.set_xscale("log", base=2)
         axes.set_xlabel("batch size M (tokens)")
-        axes.set_ylabel("fused speedup (unfused µs / fused µs)")
+        axes.set_ylabel("fp8 time ratio" if fp8 else "fused speedup (unfused µs / fused µs)")
         axes.set_title(title)
         axes.grid(True, which="both", alpha=0.3)
     return _png(draw)
@@ -261,13 +306,13 @@ def write_results(results: list[ShapeResult], settings: CompareSettings) -> list
     meta = metadata(settings)
     files: list[tuple[Path, bytes]] = []
     for result in results:
-        stem = file_stem(result.plan.shape, settings.dtype, settings.tp_size)
+        stem = file_stem(result.plan.shape, settings.file_dtype, settings.tp_size)
         files += [
             (settings.out_dir / f"{stem}.csv", csv_text(result).encode()),
             (settings.out_dir / f"{stem}.json", json_text(result, settings, meta).encode()),
         ]
         if settings.plots:
-            title = f"{result.plan.shape.describe()}, {settings.dtype}, {settings.device.name}"
+            title = f"{result.plan.shape.describe()}, {settings.table_dtype}, {settings.device.name}"
             if not settings.device.is_gpu:
                 title += "\n(Triton's interpreter: the times mean nothing about speed)"
             files += [

@@ -236,6 +236,16 @@ class TableDevice:
         return {"name": self.name, "key": self.key, "compute_capability": capability, **self.extra}
 
 
+# A table tuned for one expert-parallel rank keeps E = its local experts in its name (as
+# vLLM names them) and says in its shape how many ranks share how many experts.
+EP_SIZE_KEY, GLOBAL_E_KEY = "ep_size", "global_E"
+
+
+def expert_parallel_extra(ep_size: int, global_experts: int) -> dict:
+    """The shape keys of a table tuned for one of `ep_size` ranks (none for one rank)."""
+    return {EP_SIZE_KEY: ep_size, GLOBAL_E_KEY: global_experts} if ep_size > 1 else {}
+
+
 @dataclass(frozen=True)
 class TableShape:
     """The MoE shape and dtype a table is for (block_shape: fp8 weights' scale blocks)."""
@@ -263,6 +273,13 @@ class TableShape:
 
     def key(self) -> TableKey:
         return TableKey(self.E, self.N, self.K, self.topk, self.dtype, self.block_shape)
+
+    @property
+    def expert_parallel(self) -> tuple[int, int] | None:
+        """(ep_size, global E) of a table tuned for one expert-parallel rank, else None."""
+        if EP_SIZE_KEY not in self.extra:
+            return None
+        return self.extra[EP_SIZE_KEY], self.extra.get(GLOBAL_E_KEY)
 
     def file_name(self) -> str:
         return table_file_name(*self.key())
@@ -314,6 +331,9 @@ class Table:
             raise TableError(f"cannot merge tables of two devices: {self.device.key} and {newer.device.key}")
         if self.shape.key() != newer.shape.key():
             raise TableError(f"cannot merge tables of two shapes: {self.shape} and {newer.shape}")
+        if self.shape.expert_parallel != newer.shape.expert_parallel:
+            raise TableError(f"cannot merge tables of {self.shape} tuned with expert parallelism "
+                             f"{self.shape.expert_parallel} and {newer.shape.expert_parallel} (ep_size, global_E)")
         return replace(newer, batch_sizes=dict(sorted({**self.batch_sizes, **newer.batch_sizes}.items())))
 
 
@@ -381,13 +401,15 @@ def merge_tables(old: Table | Mapping, new: Table | Mapping) -> dict:
 
 
 def record_batch(path: str | os.PathLike, device: DeviceInfo, E: int, N: int, K: int, topk: int, dtype: Any,
-                 M: int, record: BatchRecord, search: Mapping[str, Any]) -> Table:
+                 M: int, record: BatchRecord, search: Mapping[str, Any],
+                 shape_extra: Mapping[str, Any] | None = None) -> Table:
     """Merge one batch size's record into the table at `path` (created when absent) and
-    write it atomically; returns the table written. dtype: as TableDtype.of takes it. The
-    header (versions, created, search) becomes this run's; a bad existing table is a
-    TableError and is left as it is."""
+    write it atomically; returns the table written. dtype: as TableDtype.of takes it;
+    shape_extra: keys the shape adds (expert_parallel_extra). The header (versions, created,
+    search) becomes this run's; a bad existing table is a TableError and is left as it is."""
     path = Path(path)
-    update = Table.new(device, TableShape.of(E, N, K, topk, dtype), search, {M: record})
+    shape = replace(TableShape.of(E, N, K, topk, dtype), extra=dict(shape_extra or {}))
+    update = Table.new(device, shape, search, {M: record})
     with folder_lock(path.parent):
         table = read_record(path).merge(update) if os.path.lexists(path) else update
         write_table(path, table)

@@ -1,6 +1,7 @@
 """`moetune compare`: the whole layer timed per contender (tuned unfused, fused, the
-dispatcher's pick, the default heuristic, a vLLM/SGLang baseline); every flag checked, the
---out folder included, before anything runs."""
+dispatcher's pick, the default heuristic, a vLLM/SGLang baseline; with fp8 weights the fp8
+layer, the unquantized one and the shipped fp8 configs); every flag checked, the --out
+folder included, before anything runs."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from ..compare import CompareSettings, measure_shape, plan_shape
 from ..compare_output import PLOTS_NEED_MATPLOTLIB, plots_available, report_text, write_results
 from ..device import local_device
 from ..errors import UsageError
-from .flags import (add_workload_arguments, baseline_folder, check_out_dir, resolve_dtype, resolve_gpu,
-                    shapes_and_batch_sizes)
+from ..tables import FP8_W8A8
+from .flags import (add_block_shape_argument, add_workload_arguments, baseline_folder, check_out_dir,
+                    resolve_gpu, resolve_table_dtype, shapes_and_batch_sizes)
+
+# Where an fp8 comparison looks for the frameworks' shipped fp8 configs unless told.
+FP8_BASELINE = "sglang-vllm-h200"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_workload_arguments(parser, "GPU to compare on; must match the local one (default: auto)")
+    add_workload_arguments(parser, "GPU to compare on; must match the local one (default: auto)",
+                           dtypes=("bf16", "fp16", FP8_W8A8))
+    add_block_shape_argument(parser)
     parser.add_argument("--baseline-configs", default=None, metavar="DIR|NAME",
                         help="vLLM/SGLang configs to add as a contender: a folder of their files (see `moetune "
-                             "import`) or the name of a baseline packaged with moetune (sglang-vllm-h200)")
+                             f"import`) or the name of a baseline packaged with moetune ({FP8_BASELINE}); with "
+                             f"--dtype {FP8_W8A8}, their fp8 files of the same block shape (default "
+                             f"{FP8_BASELINE})")
     parser.add_argument("--out", default="compare",
                         help="folder for the CSV and JSON files, and two PNG plots per shape when matplotlib is "
                              "installed (pip install 'moetune[plots]'; without it, a note and no plots) "
@@ -37,21 +46,24 @@ def build_settings(args: argparse.Namespace) -> CompareSettings:
     device = resolve_gpu(args.gpu, local_device())
     out_dir = Path(args.out)
     check_out_dir(out_dir, flag="--out")
-    baseline_dir = baseline_folder(args.baseline_configs)
-    dtype = resolve_dtype(args.dtype, device, atomics=True)  # the fused contender always runs
+    # The fused contender always runs; fp8 compares with its activations' dtype.
+    table_dtype, activations = resolve_table_dtype(args.dtype, args.block_shape, shapes, device, atomics=True)
+    baseline_dir = baseline_folder(args.baseline_configs or (FP8_BASELINE if table_dtype.fp8 else None))
     rounds = args.rounds if args.rounds is not None else (3 if device.is_gpu else 1)
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    return CompareSettings(shapes=shapes, dtype=dtype, batch_sizes=batch_sizes, device=device, out_dir=out_dir,
-                           baseline_dir=baseline_dir, seed=args.seed, tp_size=args.tp_size,
-                           command_line=command_line(args), rounds=rounds, plots=plots_available())
+    return CompareSettings(shapes=shapes, dtype=table_dtype.name, batch_sizes=batch_sizes, device=device,
+                           out_dir=out_dir, baseline_dir=baseline_dir, seed=args.seed, tp_size=args.tp_size,
+                           command_line=command_line(args), rounds=rounds, plots=plots_available(),
+                           block_shape=table_dtype.block_shape, activations=activations if table_dtype.fp8 else None)
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed flags."""
     flags = [("--model", args.model), ("--model-config", args.model_config), ("--E", args.E), ("--topk", args.topk),
              ("--hidden", args.hidden), ("--intermediate", args.intermediate), ("--tp-size", args.tp_size),
-             ("--gpu", args.gpu), ("--dtype", args.dtype), ("--batch-sizes", args.batch_sizes),
+             ("--gpu", args.gpu), ("--dtype", args.dtype), ("--block-shape", args.block_shape),
+             ("--batch-sizes", args.batch_sizes),
              ("--baseline-configs", args.baseline_configs), ("--out", args.out), ("--seed", args.seed),
              ("--rounds", args.rounds)]
     words = ["moetune", "compare"]
@@ -67,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not settings.plots:
         print(f"moetune: note: {PLOTS_NEED_MATPLOTLIB}; writing the CSV and JSON files only", file=sys.stderr)
-    print(f"comparing on {settings.device.name}, {settings.dtype}, "
+    print(f"comparing on {settings.device.name}, {settings.table_dtype}, "
           f"batch sizes {','.join(map(str, settings.batch_sizes))}")
     if not settings.device.is_gpu:
         print("no GPU: kernels run in Triton's interpreter; these timings mean nothing about speed")

@@ -57,14 +57,22 @@ def baseline_folder(text: str | None) -> Path | None:
     return baseline_folder_for(text)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """What names a tuning run: `run` and `collect` take these alike."""
-    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)",
-                           dtypes=("bf16", "fp16", FP8_W8A8))
+def add_block_shape_argument(parser: argparse.ArgumentParser) -> None:
+    """--block-shape, which goes with --dtype fp8_w8a8 (resolve_table_dtype reads both)."""
     parser.add_argument("--block-shape", default=None, metavar="BN,BK",
                         help=f"with --dtype {FP8_W8A8}: the weights' scale blocks, e.g. 128,128 as DeepSeek-V3 "
                              f"and the Qwen3 FP8 releases publish them (default: one scale per expert, or a "
                              f"preset's)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What names a tuning run: `run` and `collect` take these alike."""
+    add_workload_arguments(parser, "GPU the table is for; must match the local one (default: auto)",
+                           dtypes=("bf16", "fp16", FP8_W8A8))
+    add_block_shape_argument(parser)
+    parser.add_argument("--ep-size", type=int, default=1, metavar="R",
+                        help="expert-parallel size: tune one rank's local shape, E/R experts, with the routing "
+                             "over all E (the table is named by E/R, as vLLM names it; default 1)")
     parser.add_argument("--variants", default="unfused,fused", help="unfused, fused or both (default)")
     parser.add_argument("--trials", type=int, default=24, help="trials per GEMM role and batch size (default 24)")
     parser.add_argument("--out-dir", default="tuned_configs", help="where tables go (default ./tuned_configs)")

@@ -47,8 +47,10 @@ def build_settings(args: argparse.Namespace):
     """(settings, devices): devices is None without --devices. Checks every input, and asks
     CUDA about the GPUs: call it after any process is forked."""
     from ..tune import TuneSettings
+    from ..tune.settings import local_shape
 
     shapes, batch_sizes = shapes_and_batch_sizes(args)
+    shapes = [local_shape(shape, args.ep_size) for shape in shapes]
     variants = parse_variants(args.variants)
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1, got {args.trials}")
@@ -78,9 +80,10 @@ def build_settings(args: argparse.Namespace):
                             trials=args.trials, out_dir=out_dir, device=device, space=space, seed=args.seed,
                             storage=args.storage, time_budget_min=args.time_budget, baseline_dir=baseline,
                             compile_workers=workers, progress=not args.no_progress, heartbeat_s=args.heartbeat,
-                            retime=args.retime,
+                            retime=args.retime, ep_size=args.ep_size,
                             # The interpreter's timings mean nothing: keep the final layer stage short.
                             top_pairs=3 if device.is_gpu else 2, retime_rounds=3 if device.is_gpu else 1)
+    settings.check_tables_agree()
     return settings, devices
 
 
@@ -156,6 +159,8 @@ def _run(args: argparse.Namespace, forked, compiler) -> int:
     from ..tune import tune
 
     names = ", ".join(s.describe() for s in settings.shapes)
+    if settings.ep_size > 1:
+        names += f" on one of {settings.ep_size} expert-parallel ranks"
     print(f"tuning {names} on {settings.device.name}, {settings.dtype}, batch sizes "
           f"{','.join(map(str, settings.batch_sizes))}, variants {','.join(settings.variants)}, "
           f"{settings.trials} trials per role and batch size")

@@ -176,7 +176,7 @@ def write_batch(settings: TuneSettings, key: BatchKey, bench: BatchBench, studie
     shape = key.shape
     record = record_batch(settings.table_path(shape), settings.device, shape.E, shape.N, shape.K, shape.topk,
                           settings.dtype, key.M, batch_entry(bench, results, settings, clock).record(),
-                          search_record(settings)).batch_sizes[key.M].to_json()
+                          search_record(settings), settings.table_shape_extra(shape)).batch_sizes[key.M].to_json()
     digests = {role.value: digest for role, digest in _digests(results).items()}
     studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record,
                                                      "switches": settings.space.switches.to_dict()})

@@ -11,6 +11,11 @@ counts; the roles it does not tune run with the default config there.
 fp8_w8a8: the weights are quantized once per shape (moetune.quantize_weights), a role's
 activations once per batch size as the layer quantizes them, and the gate compares the layer
 with fp8_moe_reference within quant.FP8_TOLERANCE.
+
+Expert parallelism (`global_experts` above the weights' E): the weights are one rank's, the
+routing picks among all global experts and goes through the rank's expert map, as
+fused_experts(expert_map=...) maps it: slots routed to other ranks' experts are -1, cost no
+GEMM work and add nothing, and the reference is the rank's own output.
 """
 
 from __future__ import annotations
@@ -21,16 +26,16 @@ from typing import NamedTuple
 
 import torch
 
-from ..bench import LayerInputs, adaptive_time_us, make_layer_inputs, make_routing, make_weights, wall_time_us
+from ..bench import LayerInputs, adaptive_time_us, make_routing, make_weights, wall_time_us
 from ..device import torch_device
 from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
 from ..kernels.align import AlignedTokens
 from ..kernels.gemm_operands import Fp8Scales
 from ..kernels.grouped_gemm import GemmGeometry
 from ..kernels.launch import compile_only
-from ..layer import Fp8Weights
+from ..layer import Fp8Weights, local_expert_ids
 from ..loader import default_launch_config
-from ..measure import LayerCase, check
+from ..measure import LayerCase, check, rank_expert_map
 from ..quant import FP8_DTYPE, quantize_activations, quantize_weights
 from ..shapes import MoEShape
 from ..tables import TableDtype
@@ -154,9 +159,11 @@ class BatchBench:
     seed: int
     fp8: Fp8Weights | None = None
     activation_dtype: torch.dtype | None = None  # None: the weights'
+    global_experts: int | None = None  # expert parallelism: the routing's experts (None: the weights' E)
 
     def __post_init__(self) -> None:
         self.E, two_n, self.K = self.w1.shape
+        self.global_experts = self.global_experts or self.E
         self.N = two_n // 2
         self.on_gpu = self.w1.device.type == "cuda"
         device, dtype = self.w1.device, self.activation_dtype or self.w1.dtype
@@ -185,12 +192,14 @@ class BatchBench:
                               Role.GEMM2_UNFUSED: quantize_activations(self.activation, group)}
 
     def _layer_inputs(self, seed: int) -> LayerInputs:
-        if self.fp8 is None:
-            return make_layer_inputs(self.M, self.w1, self.w2, self.topk, seed=seed)
-        # The tokens in the activations' dtype, the weights fp8: drawn as make_layer_inputs draws them.
-        generator = torch.Generator(device=self.w1.device).manual_seed(seed)
-        x = torch.randn(self.M, self.K, dtype=self.dtype, device=self.w1.device, generator=generator)
-        weights, ids = make_routing(self.M, self.E, self.topk, self.w1.device, generator)
+        """Drawn as bench.make_layer_inputs draws them, the tokens in the activations' dtype
+        (the weights may be fp8), routed over the global experts and mapped to this rank's."""
+        device = self.w1.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(self.M, self.K, dtype=self.dtype, device=device, generator=generator)
+        weights, ids = make_routing(self.M, self.global_experts, self.topk, device, generator)
+        if self.global_experts != self.E:
+            ids = local_expert_ids(ids, rank_expert_map(self.E, self.global_experts, device=device))
         return LayerInputs(x, self.w1, self.w2, weights, ids)
 
     @property
@@ -312,8 +321,9 @@ class InputCache:
 
     KEEP = 3
 
-    def __init__(self, dtype: torch.dtype, seed: int, quant: TableDtype | None = None):
+    def __init__(self, dtype: torch.dtype, seed: int, quant: TableDtype | None = None, ep_size: int = 1):
         self.dtype, self.seed = dtype, seed  # dtype: the activations'
+        self.ep_size = ep_size  # the shapes are one rank's of this many: routing over ep_size * E experts
         self.quant = quant if quant is not None and quant.fp8 else None
         self.device = torch_device()
         self.shape: MoEShape | None = None
@@ -345,7 +355,7 @@ class InputCache:
                 del self.benches[next(iter(self.benches))]  # free before allocating the next
             w1, w2 = self.weights
             bench = BatchBench(w1, w2, M, shape.topk, seed=self.seed * 7919 + M, fp8=self.fp8,
-                               activation_dtype=self.dtype)
+                               activation_dtype=self.dtype, global_experts=shape.E * self.ep_size)
         self.benches[M] = bench
         return bench
 

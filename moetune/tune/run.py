@@ -102,7 +102,7 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
     sharer = Sharer(settings.device, settings.heartbeat_s)
     for key in settings.batches():
         for role in settings.roles:
-            name = key.study(role).name(settings.device, settings.dtype)
+            name = settings.study_name(key.study(role))
             study = sharer.load(storage, name)
             if study is None:
                 raise UsageError(f"{storage.where} has no study {name!r}: run the workers first, "
@@ -131,7 +131,7 @@ def open_checked_storage(settings: TuneSettings) -> StudyStorage:
     """The run's storage, opened and checked against the other runs it holds."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(settings.storage_location(), settings.heartbeat_s, _storage_name(settings))
-    suffixes = {key.study(role).suffix(settings.dtype) for key in settings.batches() for role in settings.roles}
+    suffixes = {settings.study_suffix(key.study(role)) for key in settings.batches() for role in settings.roles}
     Sharer(settings.device, settings.heartbeat_s).check_run_studies(storage, suffixes)
     return storage
 
@@ -164,7 +164,7 @@ class TuningRun:
         budget = settings.time_budget_min
         self.deadline = self.context.clock.start + budget * 60 if budget else math.inf
         self.batches = {key: Batch(key) for key in settings.batches()}
-        self.inputs = InputCache(settings.torch_dtype, settings.seed, settings.dtype)
+        self.inputs = InputCache(settings.torch_dtype, settings.seed, settings.dtype, settings.ep_size)
         self.warm_starts = WarmStarts(settings)
         self.visits: dict[StudyKey, int] = {}  # the walk's studies -> their place in it
         self.paths: list[Path] = []

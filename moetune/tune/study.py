@@ -130,7 +130,7 @@ def open_study(key: StudyKey, context: StudyContext, create: bool) -> RoleStudy 
     candidates = Candidates(settings.space, problem, settings.device.shared_memory_bytes)
     sampler = study_sampler(settings.space, candidates, seed=(settings.seed + M + settings.sampler_salt) % 2**32)
     sharer = Sharer(settings.device, settings.heartbeat_s)
-    name = key.name(settings.device, settings.dtype)
+    name = settings.study_name(key)
     if create:
         study, created = sharer.open(context.storage, name, sampler)
     else:
