@@ -159,8 +159,10 @@ SWITCHES = {
     "split-k": KernelSwitches(split_k=2),
 }
 # Each mode runs every switch set above but one (the pairs cover both modes on each switch).
+# All off is tests/test_layer_fp8.py's: both modes, both epilogues, through fused_experts.
 LAYER_CASES = [(block, name) for block in (None, (16, 16)) for name in SWITCHES
-               if (block, name) not in ((None, "sorted+fused-activation+tma"), ((16, 16), "fused-activation"))]
+               if name != "off" and (block, name) not in ((None, "sorted+fused-activation+tma"),
+                                                           ((16, 16), "fused-activation"))]
 
 
 @pytest.mark.usefixtures("poison_empty")
