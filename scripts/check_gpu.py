@@ -1,18 +1,27 @@
 """Correctness and speed of the MoE layer on a GPU with the anchor's shipped configs.
 
 1. Both variants vs the float64 reference, bf16 and fp16, for the anchor shapes.
-2. Per shape and M: unfused µs, fused µs (relaxed atomics, and acq_rel for M >= 1024),
-   the ratio to the roofline floor, and the anchor's figure (SGLang's kernel with the same
-   configs, measured on an H200) beside them.
+2. Every valid combination of the kernel switches (kernels/switches.py), both variants, vs the
+   float64 reference, bf16, for the shapes in --switch-shapes at the batch sizes --switch-m,
+   with the shipped configs of the largest of those M (one build per combination); where a
+   switch set needs it, GEMM 2 takes GEMM 1's BLOCK_SIZE_M (sorted rows, as SGLang does) and
+   GEMM 1 fewer pipeline stages (SiLU in its epilogue holds two weight tiles).
+3. Per shape and M: unfused µs, fused µs (relaxed atomics, and acq_rel for M >= 1024) with
+   the shipped configs, the layer as the dispatcher runs it (`tuned`: the packaged or user
+   table's variant, configs and switches, else the default heuristic), the ratio to the
+   roofline floor, and the anchor beside them: SGLang 0.5.23's best path for that point on an
+   H200, its sorted-rows + TMA path where that is faster (measured 2026-12-01).
 Timing (moetune.measure): 10 layer calls per CUDA graph, median of 20 replays, routing and
 alignment outside.
 
     python scripts/check_gpu.py [--out DIR] [--shapes qwen3,qwen2,deepseek] [--m 1,4,...]
+                                [--switch-shapes qwen3] [--switch-m 3,1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -21,24 +30,27 @@ import torch
 
 from moetune.bench import make_weights, roofline_floor_us
 from moetune.export import nearest, packaged_baselines, read_foreign_configs
+from moetune.loader import get_config
 from moetune.measure import LayerCase, check, time_interleaved
 from moetune.reference import TOLERANCE
 from moetune.tables import write_atomic
+from moetune.device import HOPPER_SHARED_MEMORY_BYTES
+from moetune.types import LaunchConfig, Switches, SwitchError
 
 BASELINE = "sglang-vllm-h200"  # the anchor's configs, packaged with moetune
 M_VALUES = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 CHECK_DTYPES = (torch.bfloat16, torch.float16)
 
 # name -> (E, topk, K = hidden, N = intermediate, GEMM 1 file, GEMM 2 file or None,
-#          anchor unfused µs per M from SGLang's kernel with these configs, H200)
+#          anchor µs per M: SGLang's best path (TMA where faster), unfused, H200)
 SHAPES = {
     "qwen3": ("Qwen3-30B-A3B", 128, 8, 2048, 768, "E=128,N=768,device_name=NVIDIA_H200.json", None,
-              [29.3, 75.1, 187, 291, 317, 372, 857, 2895]),
+              [29.6, 75.4, 187.8, 291.6, 316.6, 371.9, 773.3, 2668.8]),
     "qwen2": ("Qwen2-57B-A14B", 64, 8, 3584, 2560, "E=64,N=2560,device_name=NVIDIA_H200.json", None,
-              [117, 364, 700, 809, 853, 1308, 4017, 14285]),
+              [118.0, 365.0, 699.1, 808.5, 855.2, 1320.2, 4029.3, 14403.9]),
     "deepseek": ("DeepSeek-V3-TP4", 256, 8, 7168, 512, "E=256,N=512,device_name=NVIDIA_H200.json",
                  "E=256,N=512,device_name=NVIDIA_H200_down.json",
-                 [112, 183, 514, 1120, 1289, 1403, 2747, 8814]),
+                 [102.7, 182.7, 516.2, 1121.5, 1290.9, 1406.9, 2727.8, 8508.9]),
 }
 
 
@@ -64,6 +76,56 @@ def check_shape(name: str, topk: int, table1: dict, table2: dict, w1: torch.Tens
     return checks
 
 
+def all_switch_sets() -> list[Switches]:
+    """Every combination of the switches that the kernels accept (split-K 1 and 2)."""
+    sets = []
+    for sorted_rows, fuse, tma_w, tma_a, split_k, persistent in itertools.product(
+            (False, True), (False, True), (False, True), (False, True), (1, 2), (False, True)):
+        try:
+            sets.append(Switches(sorted_rows=sorted_rows, fuse_activation=fuse, tma_weights=tma_w,
+                                 tma_activations=tma_a, split_k=split_k, persistent=persistent))
+        except SwitchError:
+            continue
+    return sets
+
+
+def fitted(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig) -> tuple[LaunchConfig, LaunchConfig]:
+    """The configs a switch set can run: GEMM 2 on GEMM 1's BLOCK_SIZE_M for sorted rows, GEMM 1
+    with as few stages as two weight tiles need to fit in shared memory."""
+    if switches.sorted_rows:
+        gemm2 = gemm2.replace(block_m=gemm1.block_m)
+    while (gemm1.fit_problem(2, HOPPER_SHARED_MEMORY_BYTES, weight_tiles=switches.weight_tiles) is not None
+           and gemm1.num_stages > 1):
+        gemm1 = gemm1.replace(num_stages=gemm1.num_stages - 1)
+    return gemm1, gemm2
+
+
+def check_switches(name: str, topk: int, table1: dict, table2: dict, w1: torch.Tensor, w2: torch.Tensor,
+                   switch_m: list[int], switch_sets: list[Switches] | None = None) -> list[dict]:
+    """Every switch set (or those given) and variant vs the float64 reference at each M, one
+    config pair."""
+    gemm1 = LaunchConfig.from_json(nearest(table1, max(switch_m)))
+    gemm2 = LaunchConfig.from_json(nearest(table2, max(switch_m)))
+    cases = {M: LayerCase.random(w1, w2, M, topk, seed=M + 11) for M in switch_m}
+    checks = []
+    for switches in switch_sets or all_switch_sets():
+        config1, config2 = fitted(switches, gemm1, gemm2)
+        label = ",".join(f"{name}={value}" for name, value in switches.to_json().items()) or "off"
+        for M, case in cases.items():
+            for variant in ("unfused", "fused"):
+                try:
+                    checked = check(case, case.layer(variant, config1, config2, switches=switches))
+                    error, ok = checked.error, checked.ok
+                except Exception as failure:  # noqa: BLE001 - a switch set that cannot build or launch fails
+                    error, ok = float("inf"), False
+                    print(f"switches {label}: {type(failure).__name__}: {str(failure).splitlines()[0][:200]}")
+                checks.append({"shape": name, "dtype": "torch.bfloat16", "M": M, "variant": variant,
+                               "switches": label, "rel_error": error, "ok": ok})
+                print(f"switch {name:16s} M={M:<6d} {variant:8s} {label:60s} rel err {error:.2e} "
+                      f"{'ok' if ok else 'FAIL'}", flush=True)
+    return checks
+
+
 def time_shape(name: str, N: int, K: int, topk: int, table1: dict, table2: dict, w1: torch.Tensor,
                w2: torch.Tensor, anchors: list[tuple[int, float]]) -> list[dict]:
     """Per (M, anchor µs): unfused, fused (relaxed atomics, and acq_rel for M >= 1024) with the
@@ -72,29 +134,39 @@ def time_shape(name: str, N: int, K: int, topk: int, table1: dict, table2: dict,
     for M, anchor_us in anchors:
         case = LayerCase.random(w1, w2, M, topk, seed=M)
         gemm1, gemm2 = nearest(table1, M), nearest(table2, M)
-        runs = [case.layer("unfused", gemm1, gemm2), case.layer("fused", gemm1, gemm2)]
+        tuned = get_config(w1.shape[0], N, K, topk, w1.dtype, M)
+        runs = [case.layer("unfused", gemm1, gemm2), case.layer("fused", gemm1, gemm2),
+                case.layer(tuned.variant, tuned.gemm1, tuned.gemm2, switches=tuned.switches)]
         if M >= 1024:
             runs.append(case.layer("fused", gemm1, gemm2, atomic_sem="acq_rel"))
-        unfused, fused, *acq_rel = [timing.median_us for timing in time_interleaved(runs)]
+        unfused, fused, tuned_us, *acq_rel = [timing.median_us for timing in time_interleaved(runs)]
         floor = roofline_floor_us(M, N, K, topk, case.experts_hit)
         rows.append({"shape": name, "M": M, "unfused_us": unfused, "fused_us": fused,
-                     "fused_acq_rel_us": acq_rel[0] if acq_rel else None, "floor_us": floor,
+                     "fused_acq_rel_us": acq_rel[0] if acq_rel else None, "tuned_us": tuned_us,
+                     "tuned_source": tuned.source, "tuned_switches": tuned.switches.to_json(), "floor_us": floor,
                      "anchor_unfused_us": anchor_us, "gemm1": gemm1, "gemm2": gemm2})
         print(f"time  {name:16s} M={M:<6d} unfused {unfused:8.1f} fused {fused:8.1f} "
-              f"floor {floor:8.1f} anchor {anchor_us:8.1f}", flush=True)
+              f"tuned {tuned_us:8.1f} floor {floor:8.1f} anchor {anchor_us:8.1f}", flush=True)
     return rows
 
 
 def summary_text(rows: list[dict], checks: list[dict]) -> str:
     """The table printed last."""
     lines = [f"{'shape':16s} {'M':>6s} {'unfused':>9s} {'fused':>9s} {'acq_rel':>9s} {'f/u':>6s} {'floor':>8s} "
-             f"{'u/floor':>7s} {'anchor':>8s} {'u/anchor':>8s}"]
+             f"{'u/floor':>7s} {'anchor':>8s} {'u/anchor':>8s} {'tuned':>9s} {'t/floor':>7s} {'t/anchor':>8s}"]
     for r in rows:
         acq = f"{r['fused_acq_rel_us']:9.1f}" if r["fused_acq_rel_us"] else f"{'-':>9s}"
         lines.append(f"{r['shape']:16s} {r['M']:6d} {r['unfused_us']:9.1f} {r['fused_us']:9.1f} {acq} "
                      f"{r['unfused_us'] / r['fused_us']:6.3f} {r['floor_us']:8.1f} "
                      f"{r['unfused_us'] / r['floor_us']:7.2f} {r['anchor_unfused_us']:8.1f} "
-                     f"{r['unfused_us'] / r['anchor_unfused_us']:8.3f}")
+                     f"{r['unfused_us'] / r['anchor_unfused_us']:8.3f} {r['tuned_us']:9.1f} "
+                     f"{r['tuned_us'] / r['floor_us']:7.2f} {r['tuned_us'] / r['anchor_unfused_us']:8.3f}")
+    switch_checks = [check for check in checks if "switches" in check]
+    if switch_checks:
+        sets = {check["switches"] for check in switch_checks}
+        failed = sorted({check["switches"] for check in switch_checks if not check["ok"]})
+        lines.append(f"switches: {len(sets)} sets x variants x M, {sum(c['ok'] for c in switch_checks)}/"
+                     f"{len(switch_checks)} within tolerance" + (f"; failed: {'; '.join(failed)}" if failed else ""))
     passed = sum(check["ok"] for check in checks)
     lines.append(f"correctness: {passed}/{len(checks)} within tolerance "
                  f"(bf16 {TOLERANCE[torch.bfloat16]:.0e}, fp16 {TOLERANCE[torch.float16]:.0e})")
@@ -107,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="qwen3,qwen2,deepseek")
     parser.add_argument("--m", default=",".join(map(str, M_VALUES)))
     parser.add_argument("--check-m", default="64,1024", help="batch sizes of the correctness check")
+    parser.add_argument("--switch-shapes", default="qwen3", help="shapes whose every switch set is checked "
+                        "('' for none)")
+    parser.add_argument("--switch-m", default="3,1024", help="batch sizes of the switch check")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("check_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -125,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         table2 = load_configs(file2) if file2 else table1
         w1, w2 = make_weights(E, N, K, torch.bfloat16, device, torch.Generator(device=device).manual_seed(0))
         checks += check_shape(name, topk, table1, table2, w1, w2, check_m)
+        if key in args.switch_shapes.split(","):
+            checks += check_switches(name, topk, table1, table2, w1, w2, [int(v) for v in args.switch_m.split(",")])
         anchors = [(M, anchor_us) for M, anchor_us in zip(M_VALUES, anchor) if M in m_values]
         rows += time_shape(name, N, K, topk, table1, table2, w1, w2, anchors)
         del w1, w2

@@ -14,7 +14,7 @@ from moetune.bench import make_weights
 from moetune.configs import default_config
 from moetune.measure import GRAPH_TIMER, LayerCase, check, time_interleaved
 from moetune.reference import TOLERANCE
-from moetune.types import LaunchConfig, Variant
+from moetune.types import LaunchConfig, Switches, Variant
 
 # One test worker runs the whole module: the module's cases are built once.
 pytestmark = pytest.mark.xdist_group("measure")
@@ -108,3 +108,21 @@ def test_check_gpu_checks_and_times_a_tiny_shape(check_gpu, weights, capsys):
     assert summary[0].split()[:3] == ["shape", "M", "unfused"]
     assert summary[1].split()[:2] == ["toy", "2"]
     assert summary[-1].startswith("correctness: 2/2 within tolerance")
+    assert rows[0]["tuned_us"] > 0 and rows[0]["tuned_source"] == "default heuristic"
+
+
+def test_check_gpu_checks_switch_sets_with_configs_they_can_run(check_gpu, weights, capsys):
+    sets = check_gpu.all_switch_sets()
+    assert len(set(sets)) == len(sets) == 36  # every valid combination, split-K 1 and 2
+    chosen = [Switches(), Switches(sorted_rows=True, tma_activations=True, tma_weights=True, persistent=True),
+              Switches(fuse_activation=True)]
+    assert set(chosen) <= set(sets)
+    down = dict(SMALL, BLOCK_SIZE_M=32)  # sorted rows need GEMM 1's BLOCK_SIZE_M in GEMM 2 too
+    checks = check_gpu.check_switches("toy", TOPK, {8: SMALL}, {8: down}, *weights, switch_m=[3],
+                                      switch_sets=chosen)
+    assert [(c["switches"], c["variant"], c["ok"]) for c in checks] == [
+        (label, variant, True) for label in ("off", "sorted_rows=True,tma_weights=True,tma_activations=True,"
+                                             "persistent=True", "fuse_activation=True")
+        for variant in ("unfused", "fused")]
+    summary = check_gpu.summary_text([], checks).splitlines()
+    assert summary[-2] == "switches: 3 sets x variants x M, 6/6 within tolerance"
