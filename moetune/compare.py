@@ -197,7 +197,7 @@ def _find_baseline(shape: MoEShape, settings: CompareSettings, notes: list[str])
         if settings.fp8:
             notes.append("no shipped fp8 configs for this shape: no --baseline-configs folder was given")
         return None
-    from .export import find_baseline
+    from .baseline_configs import find_baseline
 
     baseline = find_baseline(settings.baseline_dir, shape.E, shape.N, settings.device.key, settings.table_dtype)
     if baseline is None:

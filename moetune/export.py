@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .device import device_key as to_device_key
 from .errors import TableError, UsageError
 from .loader import FROM_FAMILY, nearest_batch_size
 from .switch_candidates import SGLANG_TMA, LayerCandidate, candidates_of, fastest, sglang_runs, vllm_runs
 from .table_listing import find_tables
-from .tables import FP8_W8A8, TableDtype, checked_config, read_table, write_atomic
+from .tables import FP8_W8A8, checked_config, read_table, write_atomic
 from .types import OFF, Switches
 
 FORMATS = ("vllm", "sglang")
@@ -314,7 +313,7 @@ def write_planned(files: list[PlannedFile], out: str | os.PathLike) -> list[Path
 # Import
 
 
-def _version_of_folder(name: str) -> tuple[int, int, int] | None:
+def triton_folder_version(name: str) -> tuple[int, int, int] | None:
     match = _TRITON_FOLDER.match(name)
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
@@ -344,7 +343,7 @@ def plan_import(paths: list[str]) -> tuple[list[PlannedFile], list[str]]:
     planned: dict[Path, PlannedFile] = {}
     for path in sources:
         read = read_foreign_configs(path)
-        folder = path.parent.name if _version_of_folder(path.parent.name) else ""
+        folder = path.parent.name if triton_folder_version(path.parent.name) else ""
         relative = Path(folder) / ForeignName.parse(path.name).file_name
         earlier = planned.get(relative)
         if earlier is not None:
@@ -358,86 +357,3 @@ def plan_import(paths: list[str]) -> tuple[list[PlannedFile], list[str]]:
                 f"set to Triton's launch defaults (4, 3)"
             )
     return list(planned.values()), messages
-
-
-# Baselines packaged with moetune, one folder each: --baseline-configs takes a folder's name.
-BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
-
-
-def packaged_baselines() -> dict[str, Path]:
-    """Name -> folder of each baseline packaged with moetune."""
-    if not BASELINES_DIR.is_dir():
-        return {}
-    return {folder.name: folder for folder in sorted(BASELINES_DIR.iterdir()) if folder.is_dir()}
-
-
-def baseline_folder_for(text: str) -> Path:
-    """What --baseline-configs names: a folder of vLLM/SGLang files, else the name of a baseline
-    packaged with moetune (so a command runs the same from any directory)."""
-    if Path(text).is_dir():
-        return Path(text)
-    packaged = packaged_baselines()
-    if text in packaged:
-        return packaged[text]
-    names = ", ".join(packaged) or "none"
-    raise UsageError(f"--baseline-configs {text!r} is neither a folder nor a packaged baseline ({names})")
-
-
-@dataclass
-class Baseline:
-    """Another framework's configs for one shape, as a starting point for tuning."""
-
-    gemm1: dict[int, dict]
-    gemm2: dict[int, dict]
-    sources: list[str]
-
-
-def find_baseline(
-    folder: str | os.PathLike, E: int, N: int, device_key: str, dtype: str | TableDtype = "bf16",
-    block_shape=None,
-) -> Baseline | None:
-    """vLLM/SGLang configs for (E, N, device) under `folder`, searched recursively.
-
-    Only files of the dtype's selector count: none for bf16/fp16, `,dtype=float32` for fp32,
-    `,dtype=fp8_w8a8` with the same block shape (spelled either way) for fp8. Among
-    `triton_X_Y_Z/` folders the running Triton's wins, else the newest; files outside such
-    folders (vLLM's) come last. GEMM 2 takes the `_down` file beside GEMM 1's if there is one,
-    else GEMM 1's configs, as both frameworks do.
-    """
-    wanted = TableDtype.of(dtype, block_shape)
-    selector = DTYPE_SELECTORS[wanted.name]
-    key = to_device_key(device_key)
-    groups: dict[tuple[int, int, int] | None, dict[bool, list[Path]]] = {}
-    for path in sorted(Path(folder).rglob("*.json")):
-        name = ForeignName.parse(path.name)
-        if (
-            name is None
-            or (name.E, name.N, name.device_key, name.dtype) != (E, N, key, selector)
-            or (name.block_shape is not None and name.block is None)
-            or name.block != wanted.block_shape
-            or name.per_channel_quant
-        ):
-            continue
-        version = _version_of_folder(path.parent.name)
-        groups.setdefault(version, {}).setdefault(name.down, []).append(path)
-    usable = {version: files for version, files in groups.items() if files.get(False)}
-    if not usable:
-        return None
-    version = _preferred_version(list(usable))
-    up_path = min(usable[version][False], key=lambda path: (len(path.parts), str(path)))
-    down_path = next((path for path in usable[version].get(True, []) if path.parent == up_path.parent), None)
-    gemm1 = read_foreign_configs(up_path).configs
-    if down_path is None:
-        return Baseline(gemm1, {M: dict(config) for M, config in gemm1.items()}, [str(up_path)])
-    return Baseline(gemm1, read_foreign_configs(down_path).configs, [str(up_path), str(down_path)])
-
-
-def _preferred_version(versions: list[tuple[int, int, int] | None]) -> tuple[int, int, int] | None:
-    import triton
-
-    match = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", triton.__version__)
-    running = tuple(int(part) for part in match.groups()) if match else None
-    if running in versions:
-        return running
-    versioned = [version for version in versions if version is not None]
-    return max(versioned) if versioned else None

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from moetune.bench import make_weights, roofline_floor_us
-from moetune.export import nearest, packaged_baselines, read_foreign_configs
+from moetune.baseline_configs import packaged_baselines
+from moetune.export import nearest, read_foreign_configs
 from moetune.loader import get_config
 from moetune.measure import LayerCase, check, time_interleaved
 from moetune.reference import TOLERANCE

@@ -20,17 +20,8 @@ import triton
 from moetune import cli, loader
 from moetune.configs import CONFIG_KEYS
 from moetune.errors import TableError, UsageError
-from moetune.export import (
-    Baseline,
-    ForeignName,
-    baseline_folder_for,
-    find_baseline,
-    nearest,
-    packaged_baselines,
-    plan_export,
-    read_foreign_configs,
-    sglang_version_folder,
-)
+from moetune.baseline_configs import Baseline, baseline_folder_for, find_baseline, packaged_baselines
+from moetune.export import ForeignName, nearest, plan_export, read_foreign_configs, sglang_version_folder
 from moetune.tables import table_path, validate_table, write_table
 from tests.test_tables import CPU, H200, SHAPE, config, entry, make_table, timed
 

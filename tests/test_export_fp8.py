@@ -9,7 +9,8 @@ from pathlib import Path
 
 import triton
 
-from moetune.export import find_baseline, sglang_version_folder
+from moetune.baseline_configs import find_baseline
+from moetune.export import sglang_version_folder
 from moetune.tables import TableDtype, new_table, table_path, write_table
 from tests.test_export import DATA, run_cli
 from tests.test_tables import H200, config, entry

@@ -52,7 +52,7 @@ def baseline_folder(text: str | None) -> Path | None:
     """--baseline-configs: a folder of vLLM/SGLang files or a packaged baseline's name, or None."""
     if not text:
         return None
-    from ..export import baseline_folder_for
+    from ..baseline_configs import baseline_folder_for
 
     return baseline_folder_for(text)
 

@@ -33,7 +33,8 @@ from ..kernels.align import AlignedTokens
 from ..kernels.gemm_operands import Fp8Scales
 from ..kernels.grouped_gemm import GemmGeometry
 from ..kernels.launch import compile_only
-from ..layer import Fp8Weights, local_expert_ids
+from ..expert_map import local_expert_ids
+from ..layer import Fp8Weights
 from ..loader import default_launch_config
 from ..measure import LayerCase, check, rank_expert_map
 from ..quant import FP8_DTYPE, quantize_activations, quantize_weights

@@ -55,7 +55,7 @@ class WarmStarts:
         if shape not in self.baselines:
             self.baselines[shape] = None
             if self.settings.baseline_dir is not None:
-                from ..export import find_baseline
+                from ..baseline_configs import find_baseline
 
                 self.baselines[shape] = find_baseline(self.settings.baseline_dir, shape.E, shape.N,
                                                       self.settings.device.key, self.settings.dtype)
