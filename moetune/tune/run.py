@@ -182,6 +182,7 @@ class TuningRun:
             self.bar.close()
         self.context.heartbeat.close()
         self.context.compiler.close()
+        self.context.storage.remove_abandoned_locks()
 
     # -- before: what earlier runs left -------------------------------------------------------
     def look_at_earlier_runs(self, settled: bool = False) -> None:

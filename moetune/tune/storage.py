@@ -23,6 +23,7 @@ processes judge a silent trial stale after the same grace period.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 import warnings
@@ -48,6 +49,9 @@ MAX_RETRIES = 1
 # killed while holding it leaves the file behind, and every other process waits this long
 # before breaking it: Optuna's default, 30 s, stalled a run for that long after each such kill.
 JOURNAL_LOCK_GRACE_S = 5
+# Optuna releases that lock by renaming it to `<journal>.lock<uuid>.rename`, then removing the
+# renamed link: a process killed between the two leaves the renamed link behind.
+JOURNAL_LOCK_RENAMED = ".lock*.rename"
 # Trial system attribute of a journal's trial: when its holder last beat (its clock, time.time()).
 LAST_BEAT_ATTR = "moetune:heartbeat"
 # Study user attributes: what every process sharing the study must match.
@@ -139,9 +143,24 @@ class JournalHeartbeat:
 class StudyStorage:
     """An Optuna storage with heartbeats on, and where the user named it (for messages)."""
 
-    def __init__(self, storage, heartbeat_s: int, where: str, journal: JournalHeartbeat | None = None):
+    def __init__(self, storage, heartbeat_s: int, where: str, journal: JournalHeartbeat | None = None,
+                 journal_path: Path | None = None):
         self.storage, self.heartbeat_s, self.where, self.journal = storage, heartbeat_s, where, journal
+        self.journal_path = journal_path
         self.study_ids: dict[str, int] = {}
+
+    def remove_abandoned_locks(self) -> None:
+        """Remove the renamed journal locks that killed processes left. A lock older than the
+        grace period is broken by any process that meets it, so a renamed one that old
+        belongs to nobody (a live holder removes its own within microseconds)."""
+        if self.journal_path is None:
+            return
+        for path in self.journal_path.parent.glob(self.journal_path.name + JOURNAL_LOCK_RENAMED):
+            try:
+                if time.time() - os.lstat(path).st_mtime > JOURNAL_LOCK_GRACE_S:
+                    os.unlink(path)
+            except OSError:
+                pass  # another process removed it first
 
     def trial_id(self, study, number: int) -> int:
         """The storage's id of trial `number` of `study`, which heartbeats are recorded under."""
@@ -183,7 +202,9 @@ def open_storage(location: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S, where: s
     Path(location).parent.mkdir(parents=True, exist_ok=True)
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(location), grace_period=JOURNAL_LOCK_GRACE_S)
     storage = JournalStorage(optuna.storages.journal.JournalFileBackend(str(location), lock_obj=lock))
-    return StudyStorage(storage, heartbeat_s, where, JournalHeartbeat(storage, grace_s))
+    opened = StudyStorage(storage, heartbeat_s, where, JournalHeartbeat(storage, grace_s), Path(location))
+    opened.remove_abandoned_locks()
+    return opened
 
 
 def ask(study, distributions: dict):

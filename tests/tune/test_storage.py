@@ -1,13 +1,15 @@
 """The studies' storages: a trial whose process stops beating is failed and retried, once, by
 Optuna's RDBStorage and by JournalHeartbeat on a journal file."""
 
+import os
 import time
 
 import optuna
 import pytest
 from optuna.storages import JournalStorage, RDBStorage
 
-from moetune.tune.storage import GRACE_BEATS, TrialHeartbeat, ask, open_storage, storage_exists
+from moetune.tune.storage import (GRACE_BEATS, JOURNAL_LOCK_GRACE_S, TrialHeartbeat, ask, open_storage,
+                                   storage_exists)
 
 
 def test_a_trial_whose_heartbeat_stops_is_failed_and_retried_once(tmp_path):
@@ -53,3 +55,29 @@ def test_optuna_s_journal_storage_still_has_no_heartbeats_of_its_own():
 def test_a_storage_that_does_not_exist_yet_is_told_apart(tmp_path, location, exists):
     (tmp_path / "a.journal").write_text("")
     assert storage_exists(location.replace("{tmp}", str(tmp_path))) == exists
+
+
+def test_a_renamed_lock_that_a_killed_process_left_is_removed_once_stale(tmp_path, monkeypatch):
+    """Optuna releases the journal lock by renaming it, then removing the renamed link; kill -9
+    between the two leaves that link beside the journal. The next run removes it once it is
+    older than the lock's grace period, and not before (its holder may still be alive)."""
+    journal = tmp_path / "studies.journal"
+    open_storage(str(journal))
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(journal))
+    assert lock.acquire()
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed between the rename and the removal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", killed)
+        with pytest.raises(SystemExit):
+            lock.release()
+    left = list(tmp_path.glob("studies.journal.lock*.rename"))
+    assert len(left) == 1  # what Optuna leaves: if not, its release changed and so may this cleanup
+    open_storage(str(journal))
+    assert os.path.lexists(left[0])  # fresh: kept
+    stale = time.time() - JOURNAL_LOCK_GRACE_S - 1
+    os.utime(left[0], (stale, stale), follow_symlinks=False)
+    open_storage(str(journal))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["studies.journal"]
