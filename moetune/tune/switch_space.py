@@ -14,6 +14,12 @@ The rules, in the order they are checked, one line of why each:
   split_k_programs  more than SPLIT_K_MAX_WAVES programs per SM queue instead of streaming.
   split_k_whole_tiles  each split gets the same whole number of BLOCK_SIZE_K tiles, or splits idle.
   persistent_grid   a worst-case grid under PERSISTENT_MIN_WAVES waves has little surplus to skip.
+  sorted_rows_band  the sorted rows (and their TMA loads) only from SORTED_ROWS_FROM_ROWS_PER_EXPERT.
+  fuse_activation_band  no fused SiLU in FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT.
+
+The two band rules go by the mean rows each expert's GEMMs get at that batch size (M * topk /
+the experts routed to); their bands are measured on the H200 (below, each constant says where),
+so they hold on a GPU only: in the interpreter, whose times mean nothing, every band is open.
 
 Invalid combinations (tma_activations without sorted_rows, fuse_activation with split_k) are
 never built: Switches refuses them (the kernels' rule, kernels/switches.py).
@@ -42,6 +48,17 @@ SPLIT_K_MAX_WAVES = 4
 # Persistent: the worst-case grid must hold at least this many tiles per SM: with fewer each
 # program loops once or twice, and its set-up (the TMA descriptors) costs what it saves.
 PERSISTENT_MIN_WAVES = 4
+# Bands of mean rows per expert, measured on the H200 (docs/performance.md section 4, the
+# ablation of the Qwen3-30B-A3B tune; docs/layer.md, the switch probe), rows per expert being
+# M * 8 / 128 = M / 16 for Qwen3 and M * 8 / 256 = M / 32 for DeepSeek-V3 at TP4:
+# - sorted_rows earned 1.3-3.9% from 256 rows (Qwen3 M >= 4096) and SGLang's sorted-plus-TMA
+#   path 4.6-5.6% from 128 (DeepSeek-V3 TP4 M >= 4096); below 128 it earned at most 0.3% in
+#   bf16 (under ADOPT_MARGIN) and 0.8% over Qwen3 fp8's M = 512-2048, and lost up to 14% at M = 1.
+SORTED_ROWS_FROM_ROWS_PER_EXPERT = 128
+# - fuse_activation earned 0.4-2.5% up to 16 rows (Qwen3 M <= 256) and 4-5% at 512 (DeepSeek-V3
+#   TP4 M = 16384); from 32 to 128 it earned nothing (Qwen3 M = 512-2048) or lost 1-4%
+#   (DeepSeek-V3 TP4 M = 1024, 4096). [low, high): the rows per expert where it is not tried.
+FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT = (32, 256)
 
 # The families of switches the layer choice tries, in its order, each as the settings it
 # tries on top of the best layer so far (see switch_search.py for why this order).
@@ -138,6 +155,17 @@ class LayerTarget:
     shared_memory_bytes: int
     sm_count: int
     compute_capability: tuple[int, int] | None  # None: Triton's interpreter
+    global_experts: int | None = None  # expert parallelism: the experts routed to (None: E)
+
+    @property
+    def rows_per_expert(self) -> float:
+        """Mean rows each expert's GEMMs get: M * topk over the experts routed to."""
+        return self.M * self.topk / (self.global_experts or self.E)
+
+    @property
+    def measured_bands(self) -> bool:
+        """Whether the band rules hold: on a GPU, where they were measured."""
+        return self.compute_capability is not None
 
     def problem(self, gemm: str) -> Problem:
         from .space import Problem  # space.py reads its `switches:` section through this module
@@ -221,6 +249,20 @@ def _persistent_grid(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: L
     return None
 
 
+def _sorted_rows_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if s.sorted_rows and t.measured_bands and t.rows_per_expert < SORTED_ROWS_FROM_ROWS_PER_EXPERT:
+        return (f"sorted_rows: {t.rows_per_expert:g} rows per expert, under the {SORTED_ROWS_FROM_ROWS_PER_EXPERT} "
+                f"from which it earned")
+    return None
+
+
+def _fuse_activation_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    low, high = FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT
+    if s.fuse_activation and t.measured_bands and low <= t.rows_per_expert < high:
+        return f"fuse_activation: {t.rows_per_expert:g} rows per expert, where it earned nothing ({low} to {high})"
+    return None
+
+
 # name -> rule, in the order they are checked (the module's docstring says why each).
 SWITCH_RULES = {
     "tma_device": _tma_device,
@@ -231,6 +273,8 @@ SWITCH_RULES = {
     "split_k_programs": _split_k_programs,
     "split_k_whole_tiles": _split_k_whole_tiles,
     "persistent_grid": _persistent_grid,
+    "sorted_rows_band": _sorted_rows_band,
+    "fuse_activation_band": _fuse_activation_band,
 }
 
 
