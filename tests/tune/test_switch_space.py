@@ -98,7 +98,7 @@ def test_each_rule_prunes_with_its_reason(switches, gemm1, gemm2, target, words)
     (TMA, 4096, (9, 0)),
     (TMA, 4096, None),  # the interpreter runs the descriptor loads
     (SPLIT4, 1, (9, 0)),  # DeepSeek-V3 at TP4, M = 1: 128 tiles of GEMM 1 on 132 SMs
-    (Switches(persistent=True, sorted_rows=True), 4096, (9, 0)),
+    (Switches(persistent=True, sorted_rows=True), 8192, (9, 0)),
     (Switches(fuse_activation=True), 64, (9, 0)),
 ])
 def test_what_can_run_and_win_is_kept(switches, M, capability):
@@ -138,15 +138,17 @@ def kept_at(switches: Switches, target_at) -> list[int]:
             if switch_prune_reason(switches, config(), config(bn=128), target_at(M)) is None]
 
 
-def test_the_band_rules_keep_the_sorted_rows_and_the_fused_silu_where_they_earned():
+def test_the_band_rules_keep_each_switch_where_it_earned():
     """By mean rows per expert (Qwen3: M / 16, DeepSeek-V3 TP4: M / 32): the sorted rows and
-    their TMA loads from 128, the fused SiLU outside 32 to 256; TMA for the weights and split-K
-    by no band (both earned at DeepSeek-V3 TP4, M = 1)."""
+    their TMA loads from 128, the fused SiLU outside 32 to 256, the persistent schedule from
+    256; TMA for the weights and split-K by no band (both earned at DeepSeek-V3 TP4, M = 1)."""
     fused_silu = Switches(fuse_activation=True)
     assert kept_at(Switches(sorted_rows=True), qwen3) == [2048, 3072, 4096, 8192, 16384]
     assert kept_at(TMA, deepseek_tp4) == [4096, 8192, 16384]
     assert kept_at(fused_silu, qwen3) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 4096, 8192, 16384]
     assert kept_at(fused_silu, deepseek_tp4) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 8192, 16384]
+    assert kept_at(Switches(persistent=True), qwen3) == [4096, 8192, 16384]
+    assert kept_at(Switches(tma_weights=True), qwen3) == DEFAULT_BATCH_SIZES
     assert 1 in kept_at(Switches(tma_weights=True), deepseek_tp4) and 1 in kept_at(SPLIT4, deepseek_tp4)
     reason = switch_prune_reason(Switches(sorted_rows=True), config(), config(), qwen3(1024))
     assert "sorted_rows: 64 rows per expert, under the 128" in reason
