@@ -36,7 +36,7 @@ from .compile_pool import COMPILE_TIMEOUT_S
 from .inputs import BatchBench
 from .settings import Clock
 from .study import RoleResult
-from .switch_space import LayerTarget, SwitchSpace, switch_prune_reason, with_setting
+from .switch_space import PAIR_FREE_RULES, LayerTarget, SwitchSpace, switch_prune_reason, with_setting
 
 # A switch set must beat the best layer so far by this fraction: below it the difference is
 # timing noise, and the plain path keeps the table runnable by vLLM and SGLang.
@@ -55,6 +55,8 @@ def pair_pool(timed: Iterable[Pair], gemm1: RoleResult, gemm2: RoleResult) -> li
 
 
 def first_runnable(switches: Switches, pool: list[Pair], target: LayerTarget) -> Pair | None:
+    if not pool or switch_prune_reason(switches, *pool[0], target, PAIR_FREE_RULES) is not None:
+        return None  # pruned on every pair: spare the look at each
     return next((pair for pair in pool if switch_prune_reason(switches, *pair, target) is None), None)
 
 
@@ -151,14 +153,14 @@ def search_switches(bench: BatchBench, base: LayerCandidate, pool: list[Pair], t
                     space: SwitchSpace, rounds: int, clock: Clock, timer,
                     builds: LayerBuilds | None = None) -> tuple[LayerCandidate, list[LayerCandidate]]:
     """(the fastest layer found, every layer tried, `base` first). `base` is the variant's
-    measured all-off layer; `timer(layers, rounds)` gives their interleaved median times;
-    `builds` compiles the layers' kernels ahead (None: each check compiles inline)."""
+    measured all-off layer; `timer(layers, rounds)` gives their interleaved median times.
+    `builds`: the layers' compiles ahead, which the caller planned for `base`
+    (planned_layers); the search plans again after each adoption (None: each check compiles
+    inline)."""
     builds = builds or LayerBuilds()
     families = list(space.families())
     best = base
     tried: dict[Switches, LayerCandidate] = {OFF: base}
-    if builds.ahead:
-        builds.plan(base.variant, planned_layers(best, families, pool, target, space))
     for index, (_, settings) in enumerate(families):
         contenders = []
         for layer in family_layers(best, settings, pool, target, space, tried):
