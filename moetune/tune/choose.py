@@ -31,7 +31,7 @@ from .inputs import BatchBench
 from .sampler import sampler_description
 from .settings import BatchKey, Clock, TuneSettings
 from .study import RoleResult, rejection_reasons, study_result
-from .switch_search import LayerBuilds, pair_pool, planned_layers, search_switches
+from .switch_search import LayerBuilds, Pair, pair_pool, planned_layers, search_switches
 from .switch_space import LayerTarget
 
 # GEMM 1 study user attribute: the entry written for its batch size, a digest of the
@@ -130,8 +130,8 @@ def layer_builds(bench: BatchBench, compiler: Compiler | None) -> LayerBuilds:
         bench.M, shape, bench.dtype, bench.quant, layer.variant, layer.gemm1, layer.gemm2, layer.switches)))
 
 
-def plan_switch_layers(builds: LayerBuilds, variant: Variant, pair: tuple[LaunchConfig, LaunchConfig],
-                       pool: list[tuple[LaunchConfig, LaunchConfig]], bench: BatchBench, settings: TuneSettings) -> None:
+def plan_switch_layers(builds: LayerBuilds, variant: Variant, pair: Pair, pool: list[Pair], bench: BatchBench,
+                       settings: TuneSettings) -> None:
     """Compile ahead the layers the variant's switch search checks while `pair` stays its best."""
     if not builds.ahead:
         return
