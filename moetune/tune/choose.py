@@ -26,11 +26,12 @@ from ..shapes import MoEShape
 from ..switch_candidates import MEASURED, SWITCH_CANDIDATES_KEY, LayerCandidate
 from ..tables import BatchRecord, VariantRecord, read_table, record_batch
 from ..types import OFF, LaunchConfig, Role, Switches, Variant
+from .compile_pool import Compiler, LayerRequest
 from .inputs import BatchBench
 from .sampler import sampler_description
 from .settings import BatchKey, Clock, TuneSettings
 from .study import RoleResult, rejection_reasons, study_result
-from .switch_search import pair_pool, search_switches
+from .switch_search import LayerBuilds, Pair, pair_pool, planned_layers, search_switches
 from .switch_space import LayerTarget
 
 # GEMM 1 study user attribute: the entry written for its batch size, a digest of the
@@ -116,11 +117,32 @@ def role_time(result: RoleResult, config: LaunchConfig) -> float:
 def layer_target(bench: BatchBench, settings: TuneSettings) -> LayerTarget:
     device = settings.device
     return LayerTarget(bench.M, bench.E, bench.N, bench.K, bench.topk, settings.torch_dtype.itemsize,
-                       device.shared_memory_bytes, default_num_programs(bench.w1.device), device.compute_capability)
+                       device.shared_memory_bytes, default_num_programs(bench.w1.device), device.compute_capability,
+                       bench.global_experts)
+
+
+def layer_builds(bench: BatchBench, compiler: Compiler | None) -> LayerBuilds:
+    """The switch layers' compiles of this batch size, in `compiler`'s processes (none: inline)."""
+    if compiler is None:
+        return LayerBuilds()
+    shape = MoEShape(bench.E, bench.N, bench.K, bench.topk)
+    return LayerBuilds(lambda layer: compiler.submit_layer(LayerRequest(
+        bench.M, shape, bench.dtype, bench.quant, layer.variant, layer.gemm1, layer.gemm2, layer.switches)))
+
+
+def plan_switch_layers(builds: LayerBuilds, variant: Variant, pair: Pair, pool: list[Pair], bench: BatchBench,
+                       settings: TuneSettings) -> None:
+    """Compile ahead the layers the variant's switch search checks while `pair` stays its best."""
+    if not builds.ahead:
+        return
+    space = settings.space.switches
+    base = LayerCandidate(variant, OFF, *pair, None, MEASURED)
+    builds.plan(variant, planned_layers(base, space.families(), pool, layer_target(bench, settings), space))
 
 
 def with_switches(bench: BatchBench, variant: Variant, pair: PairChoice, gemm1: RoleResult, gemm2: RoleResult,
-                  settings: TuneSettings, clock: Clock) -> tuple[PairChoice, list[LayerCandidate]]:
+                  settings: TuneSettings, clock: Clock,
+                  builds: LayerBuilds | None = None) -> tuple[PairChoice, list[LayerCandidate]]:
     """The variant's choice after the switch search on top of its all-off `pair`, and every
     switch candidate measured (the all-off pair first; none when the space has no switches)."""
     if not settings.space.switches.searches:
@@ -128,20 +150,30 @@ def with_switches(bench: BatchBench, variant: Variant, pair: PairChoice, gemm1: 
     base = LayerCandidate(variant, OFF, pair.gemm1, pair.gemm2, pair.layer_us, MEASURED)
     best, tried = search_switches(bench, base, pair_pool(pair.timed, gemm1, gemm2), layer_target(bench, settings),
                                   settings.space.switches, settings.retime_rounds, clock,
-                                  lambda layers, rounds: interleaved_medians(bench, layers, rounds, clock))
+                                  lambda layers, rounds: interleaved_medians(bench, layers, rounds, clock), builds)
     chosen = PairChoice(best.gemm1, best.gemm2, role_time(gemm1, best.gemm1), role_time(gemm2, best.gemm2),
                         best.layer_us, best.switches, pair.timed)
     return chosen, tried
 
 
-def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: TuneSettings,
-                clock: Clock) -> BatchEntry:
-    """The table entry of one batch size, from the results of its roles' settled studies."""
+def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: TuneSettings, clock: Clock,
+                compiler: Compiler | None = None) -> BatchEntry:
+    """The table entry of one batch size, from the results of its roles' settled studies.
+    With a `compiler`, the switch layers compile in its processes while the pairs are timed:
+    first those on the pairs best by summed role time, then, once each variant's pair is
+    chosen, those on its pool (which the searches, one variant after the other, wait for)."""
+    roles = {variant: (results[Role.GEMM1], results[Role.down(variant)]) for variant in settings.variants}
+    builds = layer_builds(bench, compiler if settings.space.switches.searches else None)
+    for variant, (gemm1, gemm2) in roles.items():
+        guessed = pair_pool((), gemm1, gemm2)
+        plan_switch_layers(builds, variant, guessed[0], guessed, bench, settings)
+    chosen = {variant: choose_pair(bench, variant, *roles[variant], settings, clock) for variant in roles}
+    for variant, pair in chosen.items():
+        plan_switch_layers(builds, variant, (pair.gemm1, pair.gemm2), pair_pool(pair.timed, *roles[variant]), bench,
+                           settings)
     pairs, candidates = {}, []
-    for variant in settings.variants:
-        gemm1, gemm2 = results[Role.GEMM1], results[Role.down(variant)]
-        pair = choose_pair(bench, variant, gemm1, gemm2, settings, clock)
-        pairs[variant], tried = with_switches(bench, variant, pair, gemm1, gemm2, settings, clock)
+    for variant, pair in chosen.items():
+        pairs[variant], tried = with_switches(bench, variant, pair, *roles[variant], settings, clock, builds)
         candidates += tried
     if len(pairs) > 1:
         # At large batches the variants are often closer than the spread of one timing: time
@@ -169,13 +201,14 @@ def search_record(settings: TuneSettings) -> dict:
 
 
 def write_batch(settings: TuneSettings, key: BatchKey, bench: BatchBench, studies: dict[Role, object],
-                clock: Clock) -> dict:
+                clock: Clock, compiler: Compiler | None = None) -> dict:
     """Choose one batch size's pairs from its settled studies, write them into its table and
-    mark them written; returns the entry's record."""
+    mark them written; returns the entry's record. `compiler`: where the switch layers compile
+    ahead (None: inline)."""
     results = role_results(key, studies)
     shape = key.shape
     record = record_batch(settings.table_path(shape), settings.device, shape.E, shape.N, shape.K, shape.topk,
-                          settings.dtype, key.M, batch_entry(bench, results, settings, clock).record(),
+                          settings.dtype, key.M, batch_entry(bench, results, settings, clock, compiler).record(),
                           search_record(settings), settings.table_shape_extra(shape)).batch_sizes[key.M].to_json()
     digests = {role.value: digest for role, digest in _digests(results).items()}
     studies[Role.GEMM1].set_user_attr(WRITTEN_ATTR, {"results": digests, "record": record,

@@ -5,6 +5,10 @@ its first inputs. They are forked when this process has not touched CUDA yet (cr
 Compiler first): a forked process has torch and Triton imported already, where a spawned
 one spends seconds importing them, all of them at once. Given the GPU's compute capability,
 they compile for it without asking CUDA (CompileOnlyDriver).
+
+What they compile: a role's candidate config (CompileRequest), a batch size's helper kernels
+(HelperRequest), and the whole layers with kernel switches that the layer choice will check
+(LayerRequest): each of those builds up to four kernels the role studies never ran.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import os
 import queue
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..device import fork_is_safe, forked_after_cuda
-from ..types import LaunchConfig
+from ..shapes import MoEShape
+from ..tables import TableDtype
+from ..types import LaunchConfig, Switches, Variant
 from .inputs import CompileRequest, HelperRequest, compile_helpers
 
 COMPILE_TIMEOUT_S = 180.0
@@ -59,6 +65,47 @@ def compile_candidate(request: CompileRequest, config: LaunchConfig) -> list:
                                   mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add,
                                   **request.fp8_arguments())
     return [kernel] if kernel is not None else []
+
+
+class LayerRequest(NamedTuple):
+    """One whole layer with kernel switches at one batch size, as the layer choice checks
+    and times it; picklable."""
+    M: int
+    shape: MoEShape
+    dtype: torch.dtype  # the activations'
+    quant: TableDtype | None  # fp8_w8a8: the weights' scales; None or another dtype: none
+    variant: Variant
+    gemm1: LaunchConfig
+    gemm2: LaunchConfig
+    switches: Switches
+
+
+def compile_layer(request: LayerRequest) -> list:
+    """Compile, without launching, every kernel of the layer that request names: the layer
+    the tuner checks (measure.LayerCase, alignment included), called on meta tensors laid
+    out as BatchBench's inputs (see kernels/launch.py). Returns Triton's compiled kernels."""
+    from ..bench import LayerInputs
+    from ..kernels.launch import compile_only
+    from ..layer import Fp8Weights
+    from ..measure import LayerCase
+    from ..quant import FP8_DTYPE
+
+    r, (E, N, K, topk) = request, (request.shape.E, request.shape.N, request.shape.K, request.shape.topk)
+    meta = functools.partial(torch.empty, device="meta")
+    fp8 = r.quant is not None and r.quant.fp8
+    weight_dtype = FP8_DTYPE if fp8 else r.dtype
+    weights = (meta(E, 2 * N, K, dtype=weight_dtype), meta(E, K, N, dtype=weight_dtype))
+    inputs = LayerInputs(meta(r.M, K, dtype=r.dtype), *weights, meta(r.M, topk, dtype=torch.float32),
+                         meta(r.M, topk, dtype=torch.int32))
+    scales = None
+    if fp8:  # laid out as quant.quantize_weights lays them out
+        block = r.quant.block_shape
+        scales = Fp8Weights(*(meta(E, dtype=torch.float32) if block is None else
+                              meta(E, -(-w.shape[1] // block[0]), -(-w.shape[2] // block[1]), dtype=torch.float32)
+                              for w in weights), block)
+    with compile_only() as compiled:
+        LayerCase(inputs, scales).layer(r.variant, r.gemm1, r.gemm2, with_alignment=True, switches=r.switches)()
+    return compiled
 
 
 def compile_for(capability: tuple[int, int]) -> None:
@@ -186,6 +233,11 @@ class Compiler:
     def submit(self, request: CompileRequest, config: LaunchConfig, launcher: bool = False) -> Future | None:
         """Compile `config` ahead (and its launcher, see compile_job); None without processes."""
         return self._submit(functools.partial(compile_candidate, request, config), launcher)
+
+    def submit_layer(self, request: LayerRequest) -> Future | None:
+        """Compile a whole layer's kernels ahead (compile_layer), with their launchers; None
+        without processes."""
+        return self._submit(functools.partial(compile_layer, request), True)
 
     def submit_helpers(self, request: HelperRequest) -> Future | None:
         """Compile a batch size's helper kernels ahead (inputs.compile_helpers), with their

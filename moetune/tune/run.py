@@ -376,7 +376,8 @@ class TuningRun:
     def write(self, batch: Batch) -> None:
         """Choose the batch size's pairs from its settled studies and write it."""
         studies = {role: batch.studies[role].study for role in self.roles}
-        batch.record = write_batch(self.settings, batch.key, self.prepare(batch.key), studies, self.context.clock)
+        batch.record = write_batch(self.settings, batch.key, self.prepare(batch.key), studies, self.context.clock,
+                                   self.context.compiler)
         self.inputs.drop(batch.key.shape, batch.key.M)  # written: neither trials nor layer timings need it again
         path = self.settings.table_path(batch.key.shape)
         if path not in self.paths:

@@ -14,6 +14,13 @@ The rules, in the order they are checked, one line of why each:
   split_k_programs  more than SPLIT_K_MAX_WAVES programs per SM queue instead of streaming.
   split_k_whole_tiles  each split gets the same whole number of BLOCK_SIZE_K tiles, or splits idle.
   persistent_grid   a worst-case grid under PERSISTENT_MIN_WAVES waves has little surplus to skip.
+  sorted_rows_band  the sorted rows (and their TMA loads) only from SORTED_ROWS_FROM_ROWS_PER_EXPERT.
+  fuse_activation_band  no fused SiLU in FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT.
+  persistent_band   the persistent schedule only from PERSISTENT_FROM_ROWS_PER_EXPERT.
+
+The band rules go by the mean rows each expert's GEMMs get at that batch size (M * topk /
+the experts routed to); their bands are measured on the H200 (below, each constant says where),
+so they hold on a GPU only: in the interpreter, whose times mean nothing, every band is open.
 
 Invalid combinations (tma_activations without sorted_rows, fuse_activation with split_k) are
 never built: Switches refuses them (the kernels' rule, kernels/switches.py).
@@ -21,9 +28,10 @@ never built: Switches refuses them (the kernels' rule, kernels/switches.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..errors import UsageError
 from ..types import SPLIT_K_CHOICES, LaunchConfig, Switches, SwitchError
@@ -42,6 +50,22 @@ SPLIT_K_MAX_WAVES = 4
 # Persistent: the worst-case grid must hold at least this many tiles per SM: with fewer each
 # program loops once or twice, and its set-up (the TMA descriptors) costs what it saves.
 PERSISTENT_MIN_WAVES = 4
+# Bands of mean rows per expert, measured on the H200 (docs/performance.md section 4, the
+# ablation of the Qwen3-30B-A3B tune; docs/layer.md, the switch probe), rows per expert being
+# M * 8 / 128 = M / 16 for Qwen3 and M * 8 / 256 = M / 32 for DeepSeek-V3 at TP4:
+# - sorted_rows earned 1.3-3.9% from 256 rows (Qwen3 M >= 4096) and SGLang's sorted-plus-TMA
+#   path 4.6-5.6% from 128 (DeepSeek-V3 TP4 M >= 4096); below 128 it earned at most 0.3% in
+#   bf16 (under ADOPT_MARGIN) and 0.8% over Qwen3 fp8's M = 512-2048, and lost up to 14% at M = 1.
+SORTED_ROWS_FROM_ROWS_PER_EXPERT = 128
+# - fuse_activation earned 0.4-2.5% up to 16 rows (Qwen3 M <= 256) and 4-5% at 512 (DeepSeek-V3
+#   TP4 M = 16384); from 32 to 128 it earned nothing (Qwen3 M = 512-2048) or lost 1-4%
+#   (DeepSeek-V3 TP4 M = 1024, 4096). [low, high): the rows per expert where it is not tried.
+FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT = (32, 256)
+# - persistent earned 2.3-3.9% from 256 rows (Qwen3 M >= 4096, on top of the TMA loads); below it
+#   earned nothing in the Qwen3 tune, and alone it was 9-56% slower at every M the probe timed.
+#   (The worst-case grid that persistent_grid counts holds E * BLOCK_SIZE_M padding rows, so
+#   that rule alone keeps it at nearly every batch size.)
+PERSISTENT_FROM_ROWS_PER_EXPERT = 256
 
 # The families of switches the layer choice tries, in its order, each as the settings it
 # tries on top of the best layer so far (see switch_search.py for why this order).
@@ -138,11 +162,29 @@ class LayerTarget:
     shared_memory_bytes: int
     sm_count: int
     compute_capability: tuple[int, int] | None  # None: Triton's interpreter
+    global_experts: int | None = None  # expert parallelism: the experts routed to (None: E)
+
+    @property
+    def rows_per_expert(self) -> float:
+        """Mean rows each expert's GEMMs get: M * topk over the experts routed to."""
+        return self.M * self.topk / (self.global_experts or self.E)
+
+    @property
+    def measured_bands(self) -> bool:
+        """Whether the band rules hold: on a GPU, where they were measured."""
+        return self.compute_capability is not None
 
     def problem(self, gemm: str) -> Problem:
-        from .space import Problem  # space.py reads its `switches:` section through this module
+        return _problem(self, gemm)
 
-        return Problem.for_gemm(gemm, self.M, self.E, self.N, self.K, self.topk, self.dtype_bytes)
+
+@functools.lru_cache(maxsize=64)
+def _problem(target: LayerTarget, gemm: str) -> Problem:
+    """Cached: the rules ask it for every pair of a pool."""
+    from .space import Problem  # space.py reads its `switches:` section through this module
+
+    t = target
+    return Problem.for_gemm(gemm, t.M, t.E, t.N, t.K, t.topk, t.dtype_bytes)
 
 
 def _output_tiles(problem: Problem, config: LaunchConfig) -> int:
@@ -221,6 +263,27 @@ def _persistent_grid(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: L
     return None
 
 
+def _sorted_rows_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if s.sorted_rows and t.measured_bands and t.rows_per_expert < SORTED_ROWS_FROM_ROWS_PER_EXPERT:
+        return (f"sorted_rows: {t.rows_per_expert:g} rows per expert, under the {SORTED_ROWS_FROM_ROWS_PER_EXPERT} "
+                f"from which it earned")
+    return None
+
+
+def _fuse_activation_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    low, high = FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT
+    if s.fuse_activation and t.measured_bands and low <= t.rows_per_expert < high:
+        return f"fuse_activation: {t.rows_per_expert:g} rows per expert, where it earned nothing ({low} to {high})"
+    return None
+
+
+def _persistent_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+    if s.persistent and t.measured_bands and t.rows_per_expert < PERSISTENT_FROM_ROWS_PER_EXPERT:
+        return (f"persistent: {t.rows_per_expert:g} rows per expert, under the {PERSISTENT_FROM_ROWS_PER_EXPERT} "
+                f"from which it earned")
+    return None
+
+
 # name -> rule, in the order they are checked (the module's docstring says why each).
 SWITCH_RULES = {
     "tma_device": _tma_device,
@@ -231,14 +294,21 @@ SWITCH_RULES = {
     "split_k_programs": _split_k_programs,
     "split_k_whole_tiles": _split_k_whole_tiles,
     "persistent_grid": _persistent_grid,
+    "sorted_rows_band": _sorted_rows_band,
+    "fuse_activation_band": _fuse_activation_band,
+    "persistent_band": _persistent_band,
 }
+# The rules that look at the switches, the batch size and the device only: what they prune,
+# they prune on every pair of configs.
+PAIR_FREE_RULES = ("tma_device", "sorted_rows_band", "fuse_activation_band", "persistent_band")
 
 
-def switch_prune_reason(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig,
-                        target: LayerTarget) -> str | None:
-    """None when `switches` may run with these configs at this batch size, else why not."""
-    for rule in SWITCH_RULES.values():
-        reason = rule(switches, gemm1, gemm2, target)
+def switch_prune_reason(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, target: LayerTarget,
+                        rules: Iterable[str] = SWITCH_RULES) -> str | None:
+    """None when `switches` may run with these configs at this batch size, else why not
+    (`rules`: the names of those to check, in SWITCH_RULES' order; default all)."""
+    for name in (name for name in SWITCH_RULES if name in rules):
+        reason = SWITCH_RULES[name](switches, gemm1, gemm2, target)
         if reason is not None:
             return reason
     return None

@@ -14,19 +14,25 @@ import torch
 from moetune.bench import make_weights
 from moetune.shapes import MoEShape
 from moetune.tune import Compiler
-from moetune.tune.compile_pool import compile_candidate, compile_for, compile_only_driver
+from moetune.quant import FP8_DTYPE, quantize_weights
+from moetune.layer import Fp8Weights
+from moetune.tune.compile_pool import LayerRequest, compile_candidate, compile_for, compile_layer, compile_only_driver
 from moetune.tune.inputs import BatchBench, compile_helpers, helper_requests
-from moetune.types import LaunchConfig, Role
+from moetune.types import LaunchConfig, Role, Switches, Variant
 
 # The modules, not the functions kernels/__init__ re-exports under the same names.
 LAUNCHING_MODULES = [importlib.import_module(f"moetune.kernels.{name}")
-                     for name in ("align", "activation", "reduce", "grouped_gemm")]
+                     for name in ("align", "activation", "reduce", "grouped_gemm", "quantize")]
 CONFIG = LaunchConfig(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=2)
 
 
-def tiny_bench(M: int = 5) -> BatchBench:
+def tiny_bench(M: int = 5, block_shape=None, fp8: bool = False) -> BatchBench:
     w1, w2 = make_weights(4, 32, 64, torch.float16, "cpu", torch.Generator().manual_seed(0))
-    return BatchBench(w1, w2, M, 2, seed=1)
+    if not fp8:
+        return BatchBench(w1, w2, M, 2, seed=1)
+    (w1, w1_scale), (w2, w2_scale) = (quantize_weights(w, block_shape) for w in (w1, w2))
+    return BatchBench(w1, w2, M, 2, seed=1, fp8=Fp8Weights(w1_scale, w2_scale, block_shape),
+                      activation_dtype=torch.float16)
 
 
 def record_launches(monkeypatch, layout: bool) -> list:
@@ -112,6 +118,28 @@ def test_the_helper_kernels_compile_for_a_gpu_without_one(tmp_path):
         "None ['_silu_and_mul_kernel', '_topk_sum_kernel'] [90]",
     ]
     assert len(list(tmp_path.rglob("*.cubin"))) == 5
+
+
+@pytest.mark.parametrize("variant, switches, fp8", [
+    (Variant.UNFUSED, Switches(sorted_rows=True, tma_activations=True, tma_weights=True, split_k=2, persistent=True),
+     None),
+    (Variant.FUSED, Switches(fuse_activation=True, tma_weights=True), (16, 32)),
+    (Variant.UNFUSED, Switches(sorted_rows=True, split_k=2), "per tensor"),
+])
+def test_a_layer_compile_request_is_exactly_the_layer_the_tuner_checks(monkeypatch, variant, switches, fp8):
+    """compile_layer, on meta tensors, makes the very launches of the switch search's check
+    of that layer: alignment, both GEMMs, the activation and top-k sum they need, fp8's
+    quantization; bf16 and fp8 alike."""
+    bench = tiny_bench(fp8=fp8 is not None, block_shape=fp8 if isinstance(fp8, tuple) else None)
+    seen = record_launches(monkeypatch, layout=True)
+    bench.check_layer(variant, CONFIG, CONFIG, switches)  # what the search checks, then times
+    checked = list(seen)
+    seen.clear()
+    compile_layer(LayerRequest(bench.M, MoEShape(4, 32, 64, 2), bench.dtype, bench.quant, variant, CONFIG, CONFIG,
+                               switches))
+    assert sum(launch[0] == "_grouped_gemm_kernel" for launch in checked) == 2
+    assert seen == checked
+    assert (bench.w1.dtype == FP8_DTYPE) == (fp8 is not None)
 
 
 # -- the compile processes -----------------------------------------------------------------------

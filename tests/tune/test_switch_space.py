@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moetune.errors import UsageError
+from moetune.shapes import DEFAULT_BATCH_SIZES
 from moetune.tune.space import load_space
 from moetune.tune.switch_search import first_runnable, pair_pool
 from moetune.tune.study import RoleResult
@@ -97,7 +98,7 @@ def test_each_rule_prunes_with_its_reason(switches, gemm1, gemm2, target, words)
     (TMA, 4096, (9, 0)),
     (TMA, 4096, None),  # the interpreter runs the descriptor loads
     (SPLIT4, 1, (9, 0)),  # DeepSeek-V3 at TP4, M = 1: 128 tiles of GEMM 1 on 132 SMs
-    (Switches(persistent=True, sorted_rows=True), 4096, (9, 0)),
+    (Switches(persistent=True, sorted_rows=True), 8192, (9, 0)),
     (Switches(fuse_activation=True), 64, (9, 0)),
 ])
 def test_what_can_run_and_win_is_kept(switches, M, capability):
@@ -118,8 +119,41 @@ def test_a_switch_set_runs_on_the_best_pair_it_can_run():
     g2 = RoleResult([(5.0, config(bm=16, bn=128)), (6.0, config(bm=32, bn=128))])
     pool = pair_pool([(big, g2.ranked[0][1])], g1, g2)
     assert pool[0] == (big, g2.ranked[0][1]) and len(pool) == 6
-    target = deepseek_tp4(64)
-    assert first_runnable(Switches(), pool, target) == pool[0]
-    assert first_runnable(Switches(sorted_rows=True), pool, target) == (config(bm=32), config(bm=32, bn=128))
-    assert first_runnable(Switches(fuse_activation=True), pool, target)[0] == config(bm=32)
+    small, large = deepseek_tp4(64), deepseek_tp4(4096)  # the fused SiLU's band, the sorted rows'
+    assert first_runnable(Switches(), pool, small) == pool[0]
+    assert first_runnable(Switches(sorted_rows=True), pool, large) == (config(bm=32), config(bm=32, bn=128))
+    assert first_runnable(Switches(fuse_activation=True), pool, small)[0] == config(bm=32)
+    assert first_runnable(Switches(sorted_rows=True), pool, small) is None  # under its band
     assert first_runnable(Switches(split_k=2), pool, deepseek_tp4(16384)) is None
+
+
+def qwen3(M: int, capability=(9, 0), E: int = 128, global_experts: int | None = None) -> LayerTarget:
+    return LayerTarget(M, E=E, N=768, K=2048, topk=8, dtype_bytes=2, shared_memory_bytes=H200_SMEM, sm_count=H200_SMS,
+                       compute_capability=capability, global_experts=global_experts)
+
+
+def kept_at(switches: Switches, target_at) -> list[int]:
+    """The default batch sizes at which the rules keep `switches` on a plain pair."""
+    return [M for M in DEFAULT_BATCH_SIZES
+            if switch_prune_reason(switches, config(), config(bn=128), target_at(M)) is None]
+
+
+def test_the_band_rules_keep_each_switch_where_it_earned():
+    """By mean rows per expert (Qwen3: M / 16, DeepSeek-V3 TP4: M / 32): the sorted rows and
+    their TMA loads from 128, the fused SiLU outside 32 to 256, the persistent schedule from
+    256; TMA for the weights and split-K by no band (both earned at DeepSeek-V3 TP4, M = 1)."""
+    fused_silu = Switches(fuse_activation=True)
+    assert kept_at(Switches(sorted_rows=True), qwen3) == [2048, 3072, 4096, 8192, 16384]
+    assert kept_at(TMA, deepseek_tp4) == [4096, 8192, 16384]
+    assert kept_at(fused_silu, qwen3) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 4096, 8192, 16384]
+    assert kept_at(fused_silu, deepseek_tp4) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 8192, 16384]
+    assert kept_at(Switches(persistent=True), qwen3) == [4096, 8192, 16384]
+    assert kept_at(Switches(tma_weights=True), qwen3) == DEFAULT_BATCH_SIZES
+    assert 1 in kept_at(Switches(tma_weights=True), deepseek_tp4) and 1 in kept_at(SPLIT4, deepseek_tp4)
+    reason = switch_prune_reason(Switches(sorted_rows=True), config(), config(), qwen3(1024))
+    assert "sorted_rows: 64 rows per expert, under the 128" in reason
+    assert "fuse_activation: 64 rows per expert" in switch_prune_reason(fused_silu, config(), config(), qwen3(1024))
+    # Measured on the GPU: the interpreter keeps every band open.
+    assert kept_at(TMA, lambda M: qwen3(M, capability=None)) == DEFAULT_BATCH_SIZES
+    # Expert parallelism: the rows spread over the experts routed to, not the rank's 64.
+    assert kept_at(Switches(sorted_rows=True), lambda M: qwen3(M, E=64, global_experts=128))[0] == 2048

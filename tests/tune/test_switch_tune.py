@@ -1,5 +1,6 @@
 """The switch search through `moetune run` on the interpreter: what the table records, the
-correctness gate every switch set passes, --switches off, and an unchanged rerun.
+correctness gate every switch set passes, the layers compiled ahead, --switches off, and an
+unchanged rerun.
 
 Timings are made up (conftest.replace_timings) and steered per switch: the fused SiLU is
 the fastest layer, split-K slow, and the sorted rows both the fastest and wrong (their
@@ -8,11 +9,14 @@ GEMM 2 output is corrupted), so the gate alone keeps them out.
 
 import importlib
 import shutil
+from concurrent.futures import Future
 
 import pytest
 
+import moetune.tune.compile_pool as compile_pool
 from moetune.switch_candidates import candidates_of
 from moetune.tables import read_table
+from moetune.tune import Compiler
 from moetune.tune.inputs import BatchBench
 from moetune.types import OFF, Switches
 from tests.tune.conftest import JOURNAL, TABLE, TINY, figure, replace_timings, studies_in
@@ -36,6 +40,23 @@ def steered_time(self, variant, gemm1, gemm2, switches=OFF):
     return (5000.0 if switches.split_k > 1 else 100.0) + figure(variant, gemm1, gemm2, switches)
 
 
+class LayerRecorder(Compiler):
+    """No compile processes (the interpreter compiles when it launches); records the switch
+    layers handed to them, each as (variant, switches, GEMM 1, GEMM 2), in turn."""
+
+    layers: list = []
+
+    def __init__(self, workers: int):
+        super().__init__(0)
+        LayerRecorder.layers = []
+
+    def submit_layer(self, request):
+        LayerRecorder.layers.append((request.variant, request.switches, request.gemm1, request.gemm2))
+        future = Future()
+        future.set_result(0.0)
+        return future
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("switch_tune")
@@ -53,20 +74,21 @@ def tuned(tmp_path_factory):
         replace_timings(patch)
         patch.setattr(BatchBench, "time_layer", steered_time)
         patch.setattr(experts, "grouped_gemm", corrupting)
+        patch.setattr(compile_pool, "compiler_for", lambda workers, gpu: LayerRecorder(workers))
         code, output = run_cli(*ARGS, "--space", str(out_dir / "space.yaml"), "--switches", "search",
                                "--out-dir", str(out_dir))
     assert code == 0, output
-    return out_dir
+    return out_dir, LayerRecorder.layers
 
 
 @pytest.fixture
 def tuned_copy(tuned, tmp_path):
-    shutil.copytree(tuned, tmp_path / "tables")
+    shutil.copytree(tuned[0], tmp_path / "tables")
     return tmp_path / "tables"
 
 
 def test_the_table_records_the_fastest_switches_that_pass_the_gate_and_every_candidate(tuned):
-    entries = read_table(tuned / "cpu" / TABLE)["batch_sizes"]
+    entries = read_table(tuned[0] / "cpu" / TABLE)["batch_sizes"]
     assert list(entries) == [1]
     for entry in entries.values():
         record = entry["unfused"]
@@ -104,3 +126,15 @@ def test_an_unchanged_rerun_rewrites_nothing(tuned_copy):
                            "--out-dir", str(tuned_copy))
     assert code == 0 and "nothing left to do" in output
     assert (table.read_bytes(), table.stat().st_mtime_ns) == before
+
+
+def test_every_switch_layer_checked_was_compiled_ahead(tuned):
+    """Each family's layer on top of the all-off pair as soon as the pair is chosen, and, once
+    the fused SiLU is adopted, the sorted rows on top of it."""
+    out_dir, submitted = tuned
+    candidates = candidates_of(read_table(out_dir / "cpu" / TABLE)["batch_sizes"][1])
+    checked = [(c.variant, c.switches, c.gemm1, c.gemm2) for c in candidates if c.switches != OFF]
+    assert len(checked) == 3 and set(checked) <= set(submitted)
+    assert [layer[1] for layer in submitted] == [Switches(split_k=2), Switches(fuse_activation=True),
+                                                 Switches(sorted_rows=True),
+                                                 Switches(fuse_activation=True, sorted_rows=True)]
