@@ -146,7 +146,9 @@ class LayerInputs:
 
     @property
     def experts_hit(self) -> int:
-        return int(torch.unique(self.topk_ids).numel())
+        """Experts of these weights that some slot is routed to (-1: another rank's, not counted)."""
+        hit = torch.unique(self.topk_ids)
+        return int((hit >= 0).sum())
 
 
 def make_weights(E: int, N: int, K: int, dtype: torch.dtype, device, generator=None):
