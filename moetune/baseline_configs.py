@@ -1,8 +1,12 @@
 """Baselines: the configs vLLM and SGLang ship, found per shape as the tuner's warm start and
-`moetune compare`'s `base`. Packaged ones live in `moetune/baselines/<name>/`."""
+`moetune compare`'s `base`, and the anchor figures (another framework's measured layer times)
+that `moetune compare` and scripts/check_gpu.py report against. Packaged ones live in
+`moetune/baselines/<name>/`."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +19,8 @@ from .tables import TableDtype
 
 # Baselines packaged with moetune, one folder each: --baseline-configs takes a folder's name.
 BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
+# A baseline folder's anchor figures, beside its config files.
+ANCHORS_FILE = "anchors.json"
 
 
 def packaged_baselines() -> dict[str, Path]:
@@ -94,3 +100,80 @@ def _preferred_version(versions: list[tuple[int, int, int] | None]) -> tuple[int
         return running
     versioned = [version for version in versions if version is not None]
     return max(versioned) if versioned else None
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Another framework's measured layer times for one shape, dtype and device."""
+
+    times_us: dict[int, float]  # batch size M -> µs per layer call
+    source: str  # the file's provenance line
+    path: Path
+
+
+def find_anchor(
+    E: int, N: int, K: int, topk: int, dtype: str | TableDtype, device_key: str,
+    folder: str | os.PathLike | None = None,
+) -> Anchor | None:
+    """The anchor figures of one shape, dtype and device: from `folder`'s anchors.json when it
+    has one, else from those packaged with moetune; None where none lists them. A malformed
+    file raises ValueError naming it, the key and the value."""
+    own = Path(folder) / ANCHORS_FILE if folder is not None else None
+    if own is not None and own.is_file():
+        files = [own]
+    else:
+        files = [path for path in (baseline / ANCHORS_FILE for baseline in packaged_baselines().values())
+                 if path.is_file()]
+    wanted = (E, N, K, topk, str(TableDtype.of(dtype)), to_device_key(device_key))
+    for path in files:
+        anchor = read_anchors(path).get(wanted)
+        if anchor is not None:
+            return anchor
+    return None
+
+
+def read_anchors(path: str | os.PathLike) -> dict[tuple[int, int, int, int, str, str], Anchor]:
+    """(E, N, K, topk, dtype, device key) -> Anchor, for every shape an anchors file lists:
+    {"device": name, "source": line, "shapes": [{"E", "N", "K", "topk", "dtype", "us": {M: µs}}]}."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the anchor figures: {error}") from None
+
+    def checked(value, where: str, valid, wanted: str):
+        if not valid(value):
+            raise ValueError(f"{path}: {where} must be {wanted}, got {value!r}")
+        return value
+
+    def text(value) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    def count(value) -> bool:
+        return positive(value) and isinstance(value, int)
+
+    checked(document, "the file", lambda value: isinstance(value, dict), "a JSON object")
+    device = to_device_key(checked(document.get("device"), "'device'", text, "a device name"))
+    source = checked(document.get("source"), "'source'", text, "a line saying what was measured")
+    anchors = {}
+    for index, entry in enumerate(checked(document.get("shapes"), "'shapes'", lambda value: isinstance(value, list),
+                                          "a list")):
+        where = f"shapes[{index}]"
+        checked(entry, where, lambda value: isinstance(value, dict), "an object")
+        E, N, K, topk = (checked(entry.get(key), f"{where}.{key}", count, "a positive integer")
+                         for key in ("E", "N", "K", "topk"))
+        try:
+            dtype = str(TableDtype.of(entry.get("dtype")))
+        except ValueError as error:
+            raise ValueError(f"{path}: {where}.dtype: {error}") from None
+        times = checked(entry.get("us"), f"{where}.us", lambda value: isinstance(value, dict) and value,
+                        "an object of batch size -> µs")
+        times_us = {}
+        for M, us in times.items():
+            checked(M, f"{where}.us key", lambda value: value.isdigit() and int(value) > 0, "a batch size")
+            times_us[int(M)] = float(checked(us, f"{where}.us[{M!r}]", positive, "a positive number of µs"))
+        anchors[(E, N, K, topk, dtype, device)] = Anchor(dict(sorted(times_us.items())), source, path)
+    return anchors

@@ -7,6 +7,10 @@ routing and alignment stay outside the timed region):
   dispatcher  what production runs: get_config() with no variant, its configs and its variant
   default     configs.default_config for both GEMMs, unfused
   baseline    vLLM/SGLang configs from --baseline-configs (nearest M), unfused
+Beside them, where the device, shape and dtype have anchor figures (another framework's layer
+times measured beforehand: anchors.json in the --baseline-configs folder, else those packaged
+with moetune, SGLang's best path on the H200), the figure at each of its batch sizes and the
+dispatcher's time over it.
 
 With fp8 weights (--dtype fp8_w8a8 [--block-shape BN,BK], or an FP8 preset) the contenders are
 instead, on one set of weights and inputs:
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .baseline_configs import Anchor, find_anchor
 from .device import DeviceInfo, torch_device
 from .measure import GRAPH_TIMER, Check, LayerCase, Timing, check, time_interleaved
 from .reference import TOLERANCE
@@ -101,6 +106,7 @@ class ShapePlan:
     shape: MoEShape
     contenders: dict[int, list[Contender]]  # M -> contenders, in CONTENDERS order
     notes: list[str] = field(default_factory=list)
+    anchor: Anchor | None = None  # measured figures to report the dispatcher against
 
 
 @dataclass
@@ -124,6 +130,7 @@ class Row:
     experts_hit: int
     roofline_us: float
     measured: dict[str, Measurement]  # contender name -> measurement
+    anchor_us: float | None = None  # the anchor figure at this M, if it has one
 
     def us(self, name: str) -> float | None:
         return self.measured[name].time_us if name in self.measured else None
@@ -144,6 +151,11 @@ class Row:
 
     def roofline_ratio(self, name: str) -> float:
         return self.measured[name].time_us / self.roofline_us
+
+    @property
+    def anchor_ratio(self) -> float | None:
+        """The dispatcher's time over the anchor figure; None without one."""
+        return self.us("dispatcher") / self.anchor_us if self.anchor_us is not None else None
 
 
 @dataclass
@@ -173,6 +185,8 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
 
     notes: list[str] = []
     baseline = _find_baseline(shape, settings, notes)
+    anchor = None if settings.fp8 else find_anchor(shape.E, shape.N, shape.K, shape.topk, settings.dtype,
+                                                   settings.device.key, settings.baseline_dir)
     contenders: dict[int, list[Contender]] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConfigWarning)
@@ -188,7 +202,7 @@ def plan_shape(shape: MoEShape, settings: CompareSettings) -> ShapePlan:
             notes.append(str(warning.message))
         else:  # not ours to report: pass it on
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    return ShapePlan(shape, contenders, notes)
+    return ShapePlan(shape, contenders, notes, anchor)
 
 
 def _find_baseline(shape: MoEShape, settings: CompareSettings, notes: list[str]):
@@ -270,7 +284,8 @@ def measure_shape(plan: ShapePlan, settings: CompareSettings) -> ShapeResult:
         timings = time_interleaved(runs, settings.rounds, GRAPH_TIMER)
         floor = roofline_floor_us(M, shape.N, shape.K, shape.topk, case.experts_hit, dtype_bytes=dtype.itemsize)
         measured = {c.name: Measurement(c, checked, timing) for c, checked, timing in zip(contenders, checks, timings)}
-        rows.append(Row(M, case.experts_hit, floor, measured))
+        anchor_us = plan.anchor.times_us.get(M) if plan.anchor is not None else None
+        rows.append(Row(M, case.experts_hit, floor, measured, anchor_us))
         tolerances.update({c.name: cases[c.fp8].tolerance for c in contenders})
         del case, cases, runs
     first = next(iter(tolerances.values()), None)

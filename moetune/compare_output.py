@@ -97,7 +97,23 @@ def report_text(result: ShapeResult, settings: CompareSettings) -> str:
                      "(H200 ceilings);")
         lines.append(f"win: faster of unf/fus; pick: the dispatcher's variant; e:x: relative error vs float64 "
                      f"(tolerance {result.tolerance:.0e}, ! above)")
+    if result.plan.anchor is not None:
+        lines += anchor_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def anchor_lines(result: ShapeResult) -> list[str]:
+    """The anchor figures beside the dispatcher's times: a table of their own, as the main one
+    has no room left within TABLE_WIDTH."""
+    anchor = result.plan.anchor
+    lines = [textwrap.fill(f"anchor: {anchor.source} ({anchor.path})", TABLE_WIDTH, subsequent_indent="  ",
+                           break_on_hyphens=False, break_long_words=False)]
+    lines.append(f"{'M':>6s} {'disp us':>8s} {'anchor us':>9s} {'disp/anchor':>11s}")
+    for row in result.rows:
+        lines.append(f"{row.M:6d} {_number(row.us('dispatcher'), 8)} {_number(row.anchor_us, 9)} "
+                     f"{_number(row.anchor_ratio, 11, 2)}")
+    lines.append("anchor us: its figure at that batch size (- where it has none); disp/anchor: disp us / anchor us")
+    return lines
 
 
 def contender_sources(rows: list[Row], name: str) -> list[str]:
@@ -131,16 +147,20 @@ SUMMARY_KEYS = ("fused_speedup", "unfused_roofline_ratio", "fused_roofline_ratio
 
 
 def summary(result: ShapeResult, row: Row) -> dict:
-    """The per-batch-size figures after the contenders': the variants' speedup, or with fp8
-    the fp8 layer's time over the unquantized layer's and over the shipped configs' (None
-    without those)."""
+    """The per-batch-size figures after the contenders': the variants' speedup and, where the
+    shape has anchor figures, the anchor's time and the dispatcher's over it; or with fp8 the
+    fp8 layer's time over the unquantized layer's and over the shipped configs' (None without
+    those)."""
     if "fp8" in result.names:
         unquantized = result.names[1]
         return {f"fp8_over_{unquantized}": row.ratio("fp8", unquantized), "fp8_over_baseline": row.ratio("fp8", "baseline"),
                 "fp8_pick": row.measured["fp8"].contender.variant}
     values = (row.speedup, row.roofline_ratio("unfused"), row.roofline_ratio("fused"), row.winner,
               row.measured["dispatcher"].contender.variant)
-    return dict(zip(SUMMARY_KEYS, values))
+    figures = dict(zip(SUMMARY_KEYS, values))
+    if result.plan.anchor is not None:  # None (blank in the CSV) at a batch size it has no figure for
+        figures |= {"anchor_us": row.anchor_us, "dispatcher_over_anchor": row.anchor_ratio}
+    return figures
 # A contender's CSV columns: `<name>_<suffix>`, from its JSON record's `key`, written by `text`.
 CSV_CONTENDER_FIELDS = (
     ("us", "us", _as_is),
@@ -227,7 +247,7 @@ def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str
             contender["rel_error"] = _finite_or_none(contender["rel_error"])
     document = {
         "metadata": {**meta, "config_sources": {name: contender_sources(result.rows, name) for name in result.names},
-                     "notes": result.plan.notes},
+                     "notes": result.plan.notes, **_anchor_metadata(result)},
         "shape": {"name": shape.name, "E": shape.E, "N": shape.N, "K": shape.K, "topk": shape.topk,
                   "tp_size": settings.tp_size, "dtype": settings.dtype, **_fp8_shape(settings)},
         "tolerance": result.tolerance,
@@ -235,6 +255,12 @@ def json_text(result: ShapeResult, settings: CompareSettings, meta: dict) -> str
         "rows": rows,
     }
     return json.dumps(document, indent=2) + "\n"
+
+
+def _anchor_metadata(result: ShapeResult) -> dict:
+    """Where the anchor figures came from, if the shape has them."""
+    anchor = result.plan.anchor
+    return {} if anchor is None else {"anchor": {"source": anchor.source, "file": str(anchor.path)}}
 
 
 def _fp8_shape(settings: CompareSettings) -> dict:

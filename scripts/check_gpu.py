@@ -10,7 +10,8 @@
    the shipped configs, the layer as the dispatcher runs it (`tuned`: the packaged or user
    table's variant, configs and switches, else the default heuristic), the ratio to the
    roofline floor, and the anchor beside them: SGLang 0.5.23's best path for that point on an
-   H200, its sorted-rows + TMA path where that is faster (measured 2026-12-01).
+   H200, its sorted-rows + TMA path where that is faster (measured 2026-12-01; the figures are
+   packaged in moetune/baselines/sglang-vllm-h200/anchors.json).
 Timing (moetune.measure): 10 layer calls per CUDA graph, median of 20 replays, routing and
 alignment outside.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from moetune.bench import make_weights, roofline_floor_us
-from moetune.baseline_configs import packaged_baselines
+from moetune.baseline_configs import Anchor, find_anchor, packaged_baselines
 from moetune.export import nearest, read_foreign_configs
 from moetune.loader import get_config
 from moetune.measure import LayerCase, check, time_interleaved
@@ -38,21 +39,28 @@ from moetune.tables import write_atomic
 from moetune.device import HOPPER_SHARED_MEMORY_BYTES
 from moetune.types import LaunchConfig, Switches, SwitchError
 
-BASELINE = "sglang-vllm-h200"  # the anchor's configs, packaged with moetune
+BASELINE = "sglang-vllm-h200"  # the anchor's configs and figures, packaged with moetune
+ANCHOR_DEVICE = "NVIDIA H200"  # the device of the anchor figures
 M_VALUES = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 CHECK_DTYPES = (torch.bfloat16, torch.float16)
 
-# name -> (E, topk, K = hidden, N = intermediate, GEMM 1 file, GEMM 2 file or None,
-#          anchor µs per M: SGLang's best path (TMA where faster), unfused, H200)
+# name -> (E, topk, K = hidden, N = intermediate, GEMM 1 file, GEMM 2 file or None)
 SHAPES = {
-    "qwen3": ("Qwen3-30B-A3B", 128, 8, 2048, 768, "E=128,N=768,device_name=NVIDIA_H200.json", None,
-              [29.6, 75.4, 187.8, 291.6, 316.6, 371.9, 773.3, 2668.8]),
-    "qwen2": ("Qwen2-57B-A14B", 64, 8, 3584, 2560, "E=64,N=2560,device_name=NVIDIA_H200.json", None,
-              [118.0, 365.0, 699.1, 808.5, 855.2, 1320.2, 4029.3, 14403.9]),
+    "qwen3": ("Qwen3-30B-A3B", 128, 8, 2048, 768, "E=128,N=768,device_name=NVIDIA_H200.json", None),
+    "qwen2": ("Qwen2-57B-A14B", 64, 8, 3584, 2560, "E=64,N=2560,device_name=NVIDIA_H200.json", None),
     "deepseek": ("DeepSeek-V3-TP4", 256, 8, 7168, 512, "E=256,N=512,device_name=NVIDIA_H200.json",
-                 "E=256,N=512,device_name=NVIDIA_H200_down.json",
-                 [102.7, 182.7, 516.2, 1121.5, 1290.9, 1406.9, 2727.8, 8508.9]),
+                 "E=256,N=512,device_name=NVIDIA_H200_down.json"),
 }
+
+
+def anchor_of(key: str) -> Anchor:
+    """The anchor figures of a shape of SHAPES: SGLang's best path per M (TMA where faster),
+    unfused, bf16."""
+    name, E, topk, K, N, _, _ = SHAPES[key]
+    anchor = find_anchor(E, N, K, topk, "bf16", ANCHOR_DEVICE, packaged_baselines()[BASELINE])
+    if anchor is None:
+        raise ValueError(f"no anchor figures for {name} (E={E},N={N},K={K},topk={topk}) in the packaged {BASELINE}")
+    return anchor
 
 
 def load_configs(name: str) -> dict[int, dict]:
@@ -194,16 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}", flush=True)
+    shape_keys = args.shapes.split(",")
+    # Every shape's anchor figures first: a missing one fails before any measurement.
+    anchor_times = {key: anchor_of(key).times_us for key in shape_keys}
     rows, checks = [], []
-    for key in args.shapes.split(","):
-        name, E, topk, K, N, file1, file2, anchor = SHAPES[key]
+    for key in shape_keys:
+        name, E, topk, K, N, file1, file2 = SHAPES[key]
         table1 = load_configs(file1)
         table2 = load_configs(file2) if file2 else table1
         w1, w2 = make_weights(E, N, K, torch.bfloat16, device, torch.Generator(device=device).manual_seed(0))
         checks += check_shape(name, topk, table1, table2, w1, w2, check_m)
         if key in args.switch_shapes.split(","):
             checks += check_switches(name, topk, table1, table2, w1, w2, [int(v) for v in args.switch_m.split(",")])
-        anchors = [(M, anchor_us) for M, anchor_us in zip(M_VALUES, anchor) if M in m_values]
+        anchors = [(M, anchor_us) for M, anchor_us in anchor_times[key].items() if M in m_values]
         rows += time_shape(name, N, K, topk, table1, table2, w1, w2, anchors)
         del w1, w2
         torch.cuda.empty_cache()

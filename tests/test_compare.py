@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from moetune import cli, loader
+from moetune.baseline_configs import find_anchor, packaged_baselines
 from moetune.device import local_device
 from moetune.reference import TOLERANCE
 from moetune.tables import new_table, table_path, write_table
@@ -49,6 +50,13 @@ def compact(cfg: dict) -> str:
 # The tuned table: M=1 unfused only; M=2 both variants, fused the winner.
 UNFUSED_AT_1, UNFUSED_AT_2, FUSED_AT_2 = config(n=32), config(n=16, k=32), config(n=32, k=16, stages=2)
 BASELINE_SMALL, BASELINE_LARGE = config(n=32, k=32, stages=2), config(n=16, k=16, stages=2)
+# Anchor figures beside the baseline's configs: this shape at M=1 (none at M=2), and a
+# neighbour shape whose figures must not be taken.
+ANCHOR_AT_1 = 1234.5
+ANCHORS = {"device": "cpu", "source": "figures of a test", "shapes": [
+    {"E": 4, "N": 16, "K": 32, "topk": 2, "dtype": "fp16", "us": {"1": ANCHOR_AT_1, "64": 5.0}},
+    {"E": 4, "N": 16, "K": 64, "topk": 2, "dtype": "fp16", "us": {"1": 7.0, "2": 7.0}}]}
+ANCHOR_COLUMNS = ["anchor_us", "dispatcher_over_anchor"]
 
 
 @contextlib.contextmanager
@@ -91,6 +99,7 @@ def compared(tmp_path_factory):
     baseline_file = root / "baseline" / "E=4,N=16,device_name=cpu.json"
     baseline_file.parent.mkdir()
     baseline_file.write_text(json.dumps({"1": BASELINE_SMALL, "64": BASELINE_LARGE}))
+    (baseline_file.parent / "anchors.json").write_text(json.dumps(ANCHORS))
     out = root / "results"
     previous_umask = os.umask(0o022)
     try:
@@ -175,8 +184,30 @@ def test_report_fits_the_terminal(compared):
     printed = compared[3]
     assert "mean nothing" in printed
     table_lines = [line for line in printed.splitlines() if line.split() and line.split()[0] in ("M", "1", "2")]
-    assert len(table_lines) == 3
-    assert all(len(line) <= 120 for line in table_lines)
+    assert len(table_lines) == 6  # the contenders' table and the anchor's
+    assert all(len(line) <= 120 for line in printed.splitlines())
+
+
+def test_anchor_figures_beside_the_dispatcher_at_their_batch_sizes(compared):
+    out, _, baseline_file, printed, _ = compared
+    columns, rows = read_csv(out / f"{STEM}.csv")
+    assert columns[-2:] == ANCHOR_COLUMNS
+    at = {int(row["M"]): row for row in rows}
+    assert float(at[1]["anchor_us"]) == ANCHOR_AT_1
+    assert float(at[1]["dispatcher_over_anchor"]) == pytest.approx(float(at[1]["dispatcher_us"]) / ANCHOR_AT_1)
+    assert at[2]["anchor_us"] == at[2]["dispatcher_over_anchor"] == ""  # no figure at M=2
+    document = json.loads((out / f"{STEM}.json").read_text())
+    assert document["metadata"]["anchor"] == {"source": "figures of a test",
+                                              "file": str(baseline_file.parent / "anchors.json")}
+    first, second = document["rows"]
+    assert first["anchor_us"] == ANCHOR_AT_1
+    assert first["dispatcher_over_anchor"] == pytest.approx(first["contenders"]["dispatcher"]["us"] / ANCHOR_AT_1)
+    assert second["anchor_us"] is None and second["dispatcher_over_anchor"] is None
+    lines = printed.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("anchor: figures of a test")))
+    assert lines[start + 1].split() == ["M", "disp", "us", "anchor", "us", "disp/anchor"]
+    assert lines[start + 2].split()[:3] == ["1", f"{float(at[1]['dispatcher_us']):.1f}", f"{ANCHOR_AT_1:.1f}"]
+    assert lines[start + 3].split()[2:] == ["-", "-"]
 
 
 def test_without_matplotlib_a_note_and_the_rest_written_with_its_rounds(tmp_path, monkeypatch):
@@ -196,6 +227,9 @@ def test_without_matplotlib_a_note_and_the_rest_written_with_its_rounds(tmp_path
     assert rows[0]["dispatcher_source"] == "default heuristic" and rows[0]["dispatcher_variant"] == "unfused"
     assert "no tuned table" in stdout
     document = json.loads((out / f"{STEM}.json").read_text())
+    # No anchor figures for this device and shape (the packaged ones are the H200's): no anchor columns.
+    assert not set(ANCHOR_COLUMNS) & set(rows[0]) and "anchor" not in document["metadata"]
+    assert "anchor" not in stdout
     assert "--rounds 2" in document["metadata"]["command_line"]  # the command reproduces the rounds too
     for name in ("unfused", "fused", "dispatcher", "default"):
         rounds = [float(t) for t in rows[0][f"{name}_rounds_us"].split()]
@@ -204,11 +238,24 @@ def test_without_matplotlib_a_note_and_the_rest_written_with_its_rounds(tmp_path
         assert document["rows"][0]["contenders"][name]["rounds_us"] == pytest.approx(rounds, rel=1e-3)
 
 
+def test_a_folder_without_anchor_figures_falls_back_to_the_packaged_ones(tmp_path):
+    qwen3 = {"E": 128, "N": 768, "K": 2048, "topk": 8}
+    packaged = find_anchor(**qwen3, dtype="bf16", device_key="NVIDIA H200", folder=tmp_path)
+    assert packaged is not None and packaged.path.parent == packaged_baselines()["sglang-vllm-h200"]
+    assert list(packaged.times_us) == [1, 4, 16, 64, 256, 1024, 4096, 16384]
+    assert find_anchor(**qwen3, dtype="fp16", device_key="NVIDIA_H200") is None
+    assert find_anchor(**qwen3, dtype="bf16", device_key="NVIDIA_H100_80GB_HBM3") is None
+
+
 def bad_invocations(tmp_path: Path) -> list[tuple[list[str], str]]:
     """(argv, what the one line must name)."""
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     out = str(tmp_path / "out")
+    bad_anchors = tmp_path / "bad_anchors"
+    bad_anchors.mkdir()
+    (bad_anchors / "anchors.json").write_text(json.dumps(
+        {**ANCHORS, "shapes": [{**ANCHORS["shapes"][0], "us": {"1": -3}}]}))
     shape = ["--E", "4", "--topk", "2", "--hidden", "32", "--intermediate", "16", "--dtype", "fp16"]
     return [
         (["--model", "No-Such-Model", "--dtype", "fp16", "--out", out], "No-Such-Model"),
@@ -223,10 +270,12 @@ def bad_invocations(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([*shape, "--baseline-configs", str(tmp_path / "missing"), "--out", out], "missing"),
         ([*shape, "--rounds", "0", "--out", out], "--rounds must be at least 1, got 0"),
         ([*shape[:-2], "--dtype", "bf16", "--out", out], "bf16"),  # no bf16 atomic add in the interpreter
+        ([*shape, "--baseline-configs", str(bad_anchors), "--out", out],
+         f"{bad_anchors / 'anchors.json'}: shapes[0].us['1'] must be a positive number of µs, got -3"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
     argv, words = bad_invocations(tmp_path)[case]
     before = sorted(tmp_path.rglob("*"))

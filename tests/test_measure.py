@@ -90,9 +90,9 @@ def test_check_gpu_help_and_its_packaged_configs(check_gpu, capsys):
     with pytest.raises(SystemExit) as exited:
         check_gpu.main(["--help"])
     assert exited.value.code == 0 and "--check-m" in capsys.readouterr().out
-    for _, _, _, _, _, file1, file2, anchor in check_gpu.SHAPES.values():
+    for key, (_, _, _, _, _, file1, file2) in check_gpu.SHAPES.items():
         assert check_gpu.load_configs(file1) and (file2 is None or check_gpu.load_configs(file2))
-        assert len(anchor) == len(check_gpu.M_VALUES)
+        assert list(check_gpu.anchor_of(key).times_us) == check_gpu.M_VALUES
 
 
 def test_check_gpu_checks_and_times_a_tiny_shape(check_gpu, weights, capsys):

@@ -1,7 +1,8 @@
 """`moetune compare`: the whole layer timed per contender (tuned unfused, fused, the
 dispatcher's pick, the default heuristic, a vLLM/SGLang baseline; with fp8 weights the fp8
-layer, the unquantized one and the shipped fp8 configs); every flag checked, the --out
-folder included, before anything runs."""
+layer, the unquantized one and the shipped fp8 configs), and the anchor figures where the
+device and shape have them; every flag checked, the --out folder included, before anything
+runs."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vLLM/SGLang configs to add as a contender: a folder of their files (see `moetune "
                              f"import`) or the name of a baseline packaged with moetune ({FP8_BASELINE}); with "
                              f"--dtype {FP8_W8A8}, their fp8 files of the same block shape (default "
-                             f"{FP8_BASELINE})")
+                             f"{FP8_BASELINE}). An anchors.json in the folder gives the anchor figures reported "
+                             f"beside the dispatcher (default: those packaged with moetune, SGLang's best path on "
+                             f"the H200)")
     parser.add_argument("--out", default="compare",
                         help="folder for the CSV and JSON files, and two PNG plots per shape when matplotlib is "
                              "installed (pip install 'moetune[plots]'; without it, a note and no plots) "
