@@ -263,24 +263,22 @@ def _persistent_grid(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: L
     return None
 
 
-def _sorted_rows_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
-    if s.sorted_rows and t.measured_bands and t.rows_per_expert < SORTED_ROWS_FROM_ROWS_PER_EXPERT:
-        return (f"sorted_rows: {t.rows_per_expert:g} rows per expert, under the {SORTED_ROWS_FROM_ROWS_PER_EXPERT} "
-                f"from which it earned")
-    return None
+def _from_rows_per_expert(switch: str, threshold: int):
+    """The rule that keeps `switch` off below `threshold` mean rows per expert, where the
+    measurements found it earning nothing."""
+
+    def rule(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
+        if getattr(s, switch) and t.measured_bands and t.rows_per_expert < threshold:
+            return f"{switch}: {t.rows_per_expert:g} rows per expert, under the {threshold} from which it earned"
+        return None
+
+    return rule
 
 
 def _fuse_activation_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
     low, high = FUSE_ACTIVATION_SKIPPED_ROWS_PER_EXPERT
     if s.fuse_activation and t.measured_bands and low <= t.rows_per_expert < high:
         return f"fuse_activation: {t.rows_per_expert:g} rows per expert, where it earned nothing ({low} to {high})"
-    return None
-
-
-def _persistent_band(s: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig, t: LayerTarget) -> str | None:
-    if s.persistent and t.measured_bands and t.rows_per_expert < PERSISTENT_FROM_ROWS_PER_EXPERT:
-        return (f"persistent: {t.rows_per_expert:g} rows per expert, under the {PERSISTENT_FROM_ROWS_PER_EXPERT} "
-                f"from which it earned")
     return None
 
 
@@ -294,9 +292,9 @@ SWITCH_RULES = {
     "split_k_programs": _split_k_programs,
     "split_k_whole_tiles": _split_k_whole_tiles,
     "persistent_grid": _persistent_grid,
-    "sorted_rows_band": _sorted_rows_band,
+    "sorted_rows_band": _from_rows_per_expert("sorted_rows", SORTED_ROWS_FROM_ROWS_PER_EXPERT),
     "fuse_activation_band": _fuse_activation_band,
-    "persistent_band": _persistent_band,
+    "persistent_band": _from_rows_per_expert("persistent", PERSISTENT_FROM_ROWS_PER_EXPERT),
 }
 # The rules that look at the switches, the batch size and the device only: what they prune,
 # they prune on every pair of configs.
