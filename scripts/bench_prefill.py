@@ -84,7 +84,7 @@ def stack_forward(layers: list[Layer], x, router_logits, topk: int, renormalize:
     hidden = x
     for layer, logits in zip(layers, router_logits):
         out = fused_moe(hidden, layer.w1, layer.w2, logits, topk, renormalize=renormalize, variant=variant,
-                        config=selection.gemm1, down_config=selection.gemm2)
+                        config=selection.gemm1, down_config=selection.gemm2, switches=selection.switches)
         hidden = torch.nn.functional.rms_norm(out, (out.shape[1],), eps=1e-6)
     return hidden
 
@@ -154,7 +154,8 @@ def measure_length(shape, layers: list[Layer], tokens: int, dtype, dtype_name: s
         timing = time_stack(forward)
         row["variants"][name] = {"ms": timing.ms, "timing": timing.method, "variant": variant,
                                  "source": selection.source, "table_batch_size": selection.batch_size,
-                                 "gemm1": selection.gemm1, "gemm2": selection.gemm2, "output_finite": finite}
+                                 "gemm1": selection.gemm1.to_json(), "gemm2": selection.gemm2.to_json(),
+                                 "switches": selection.switches.to_json(), "output_finite": finite}
     row["fused_speedup"] = row["variants"]["unfused"]["ms"] / row["variants"]["fused"]["ms"]
     row["fused_saves_ms"] = row["variants"]["unfused"]["ms"] - row["variants"]["fused"]["ms"]
     return row
