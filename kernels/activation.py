@@ -131,7 +131,8 @@ def _launch_silu(x: torch.Tensor, out: torch.Tensor, live: LiveRows, *, scales=N
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: AlignedTokens | None = None,
-                 num_slots: int = 0, dtype: torch.dtype | None = None, activation: str = "silu") -> torch.Tensor:
+                 num_slots: int = 0, dtype: torch.dtype | None = None, activation: str = "silu",
+                 live: LiveRows | None = None) -> torch.Tensor:
     """x [rows, 2N] -> silu(x[:, :N]) * x[:, N:] (gelu with activation="gelu") as [rows, N]
     in x's dtype (or `dtype`).
 
@@ -139,12 +140,13 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: A
 
     With `aligned`, x's rows are aligned positions (rows >= aligned.sorted_ids.numel()) and
     only those holding one of the `num_slots` slots are computed; the others of `out` are
-    left as they were.
+    left as they were. `live` says which rows to compute in any other way (quantize.LiveRows:
+    e.g. slots, skipping those of another rank's experts); it replaces aligned / num_slots.
     """
     rows, two_n = x.shape[-2:]
     if out is None:
         out = torch.empty(rows, two_n // 2, dtype=dtype or x.dtype, device=x.device)
-    _launch_silu(x, out, LiveRows(aligned=aligned, num_slots=num_slots), activation=activation)
+    _launch_silu(x, out, live or LiveRows(aligned=aligned, num_slots=num_slots), activation=activation)
     return out
 
 

@@ -110,13 +110,14 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     gemm2 = dict(common, topk=topk, a_rows_per_slot=1, topk_weights=topk_weights, weight_scale=weight_scale,
                  a_sorted=sorted_rows, tma_activations=switches.tma_activations)
     a1 = hidden_states
+    # The rows of GEMM 1's output that hold a slot of this rank (the others are never written,
+    # so the activation skips them too: under expert parallelism, the other ranks' slots).
+    live = LiveRows(aligned=aligned1, num_slots=slots) if sorted_rows else \
+        LiveRows(slot_experts=topk_ids, num_experts=num_experts)
     if fp8:
         group = block[1] if block else None
         a1, a1_scale = quantize_per_token_group(hidden_states, group) if group else quantize_per_tensor(hidden_states)
         gemm1.update(a_scale=a1_scale, b_scale=w1_scale, block_shape=block)
-        # The rows of GEMM 1's output that hold a slot of this rank (the others are never written).
-        live = LiveRows(aligned=aligned1, num_slots=slots) if sorted_rows else \
-            LiveRows(slot_experts=topk_ids, num_experts=num_experts)
 
     if switches.fuse_activation:
         gated = torch.empty(rows, two_n // 2, dtype=dtype, device=device)
@@ -132,8 +133,7 @@ def run_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         if fp8:
             gated, a2_scale = silu_and_mul_fp8(gate_up, group, dtype=dtype, live=live, activation=activation)
         else:
-            gated = silu_and_mul(gate_up, aligned=aligned1 if sorted_rows else None, num_slots=slots, dtype=dtype,
-                                 activation=activation)
+            gated = silu_and_mul(gate_up, dtype=dtype, activation=activation, live=live)
     if fp8:
         gemm2.update(a_scale=a2_scale, b_scale=w2_scale, block_shape=block)
 

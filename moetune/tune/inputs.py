@@ -28,7 +28,7 @@ import torch
 
 from ..bench import LayerInputs, adaptive_time_us, make_routing, make_weights, wall_time_us
 from ..device import torch_device
-from ..kernels import align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
+from ..kernels import LiveRows, align_tokens, gemm_geometry, grouped_gemm, max_padded_rows, silu_and_mul, topk_sum
 from ..kernels.align import AlignedTokens
 from ..kernels.gemm_operands import Fp8Scales
 from ..kernels.grouped_gemm import GemmGeometry
@@ -143,7 +143,9 @@ def compile_helpers(request: HelperRequest) -> list:
         if r.block_size_m is not None:
             align_tokens(topk_ids, r.E, r.block_size_m)
         else:
-            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype), num_slots=r.M * r.topk)  # as run_experts passes it
+            # as run_experts passes it: slot rows, those of another rank's experts skipped
+            live = LiveRows(slot_experts=topk_ids, num_experts=r.E)
+            silu_and_mul(meta(r.M * r.topk, 2 * r.N, dtype=r.dtype), live=live)
             topk_sum(meta(r.M, r.topk, r.K, dtype=r.dtype), topk_ids, r.E, meta(r.M, r.K, dtype=r.dtype))
     return compiled
 
