@@ -49,22 +49,16 @@ class Layer:
 
 @dataclass(frozen=True)
 class PairChoice:
-    gemm1: LaunchConfig
-    gemm2: LaunchConfig
-    gemm1_us: float
-    gemm2_us: float
-    layer_us: float
-    switches: Switches = OFF
-    # The all-off pairs whose whole layers were timed, fastest first.
-    timed: tuple[tuple[LaunchConfig, LaunchConfig], ...] = ()
+    """A variant's chosen all-off layer as its table record, and the all-off pairs whose whole
+    layers were timed, fastest first (where the switch search looks for pairs)."""
 
-    def record(self) -> VariantRecord:
-        return VariantRecord(self.gemm1, self.gemm2, self.gemm1_us, self.gemm2_us, self.layer_us, self.switches)
+    record: VariantRecord
+    timed: tuple[Pair, ...] = ()
 
 
 @dataclass(frozen=True)
 class BatchEntry:
-    pairs: dict[Variant, PairChoice]
+    pairs: dict[Variant, VariantRecord]
     candidates: tuple[LayerCandidate, ...] = ()  # every switch set tried, per variant (if any was)
 
     @property
@@ -75,7 +69,7 @@ class BatchEntry:
         """The batch size's entry in a table (the record tables.py defines), with the switch
         candidates as an informational key (switch_candidates.py)."""
         extra = {SWITCH_CANDIDATES_KEY: [candidate.to_json() for candidate in self.candidates]} if self.candidates else {}
-        return BatchRecord({variant: pair.record() for variant, pair in self.pairs.items()}, self.winner, extra)
+        return BatchRecord(dict(self.pairs), self.winner, extra)
 
 
 def interleaved_medians(bench: BatchBench, layers: list[Layer | LayerCandidate], rounds: int,
@@ -105,8 +99,9 @@ def choose_pair(bench: BatchBench, variant: Variant, gemm1: RoleResult, gemm2: R
         with clock.busy():
             error = bench.check_layer(variant, layer.gemm1, layer.gemm2)
         if error <= bench.tolerance:
-            return PairChoice(layer.gemm1, layer.gemm2, role_time(gemm1, layer.gemm1), role_time(gemm2, layer.gemm2),
-                              layer_us, timed=timed)
+            record = VariantRecord(layer.gemm1, layer.gemm2, role_time(gemm1, layer.gemm1),
+                                   role_time(gemm2, layer.gemm2), layer_us)
+            return PairChoice(record, timed)
     raise RuntimeError(f"no {variant} pair passed the correctness check at M={bench.M}")
 
 
@@ -142,17 +137,17 @@ def plan_switch_layers(builds: LayerBuilds, variant: Variant, pair: Pair, pool: 
 
 def with_switches(bench: BatchBench, variant: Variant, pair: PairChoice, gemm1: RoleResult, gemm2: RoleResult,
                   settings: TuneSettings, clock: Clock,
-                  builds: LayerBuilds | None = None) -> tuple[PairChoice, list[LayerCandidate]]:
+                  builds: LayerBuilds | None = None) -> tuple[VariantRecord, list[LayerCandidate]]:
     """The variant's choice after the switch search on top of its all-off `pair`, and every
     switch candidate measured (the all-off pair first; none when the space has no switches)."""
     if not settings.space.switches.searches:
-        return pair, []
-    base = LayerCandidate(variant, OFF, pair.gemm1, pair.gemm2, pair.layer_us, MEASURED)
+        return pair.record, []
+    base = LayerCandidate(variant, OFF, pair.record.gemm1, pair.record.gemm2, pair.record.layer_us, MEASURED)
     best, tried = search_switches(bench, base, pair_pool(pair.timed, gemm1, gemm2), layer_target(bench, settings),
                                   settings.space.switches, settings.retime_rounds, clock,
                                   lambda layers, rounds: interleaved_medians(bench, layers, rounds, clock), builds)
-    chosen = PairChoice(best.gemm1, best.gemm2, role_time(gemm1, best.gemm1), role_time(gemm2, best.gemm2),
-                        best.layer_us, best.switches, pair.timed)
+    chosen = VariantRecord(best.gemm1, best.gemm2, role_time(gemm1, best.gemm1), role_time(gemm2, best.gemm2),
+                           best.layer_us, best.switches)
     return chosen, tried
 
 
@@ -169,8 +164,8 @@ def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: Tu
         plan_switch_layers(builds, variant, guessed[0], guessed, bench, settings)
     chosen = {variant: choose_pair(bench, variant, *roles[variant], settings, clock) for variant in roles}
     for variant, pair in chosen.items():
-        plan_switch_layers(builds, variant, (pair.gemm1, pair.gemm2), pair_pool(pair.timed, *roles[variant]), bench,
-                           settings)
+        plan_switch_layers(builds, variant, (pair.record.gemm1, pair.record.gemm2),
+                           pair_pool(pair.timed, *roles[variant]), bench, settings)
     pairs, candidates = {}, []
     for variant, pair in chosen.items():
         pairs[variant], tried = with_switches(bench, variant, pair, *roles[variant], settings, clock, builds)
