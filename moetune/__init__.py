@@ -29,14 +29,22 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moetune' has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+def lazy_names(package: str, public: dict[str, str], namespace: dict):
+    """A package's __getattr__ and __dir__ (PEP 562) for public names that load from its
+    modules (`public`: name -> module) on first use and then stay in `namespace`."""
+
+    def __getattr__(name: str):
+        module = public.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(f"{package}.{module}"), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return namespace["__all__"]
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

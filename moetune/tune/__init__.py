@@ -5,7 +5,7 @@
 on first use, so that importing a part (the search space, say) imports no kernel.
 """
 
-from importlib import import_module
+from .. import lazy_names
 
 # public name -> the module of this package that defines it
 _PUBLIC = {
@@ -20,14 +20,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())
