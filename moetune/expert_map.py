@@ -60,3 +60,12 @@ def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.
     inside = (ids >= 0) & (ids < expert_map.numel())
     local = expert_map.to(ids.device)[ids.clamp(0, max(expert_map.numel() - 1, 0))]
     return torch.where(inside, local, torch.full_like(local, -1)).to(torch.int32)
+
+
+def rank_expert_map(local_experts: int, global_experts: int, rank: int = 0, device=None) -> torch.Tensor:
+    """The expert map of `rank` when each rank holds `local_experts` consecutive experts of
+    `global_experts`: global id -> local id, -1 for the other ranks' (vLLM's default placement)."""
+    expert_map = torch.full((global_experts,), -1, dtype=torch.int32, device=device)
+    first = rank * local_experts
+    expert_map[first:first + local_experts] = torch.arange(local_experts, dtype=torch.int32, device=device)
+    return expert_map

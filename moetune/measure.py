@@ -67,15 +67,6 @@ GRAPH_TIMER = Timer()
 TUNER_TIMER = Timer(calls_per_graph=None)
 
 
-def rank_expert_map(local_experts: int, global_experts: int, rank: int = 0, device=None) -> torch.Tensor:
-    """The expert map of `rank` when each rank holds `local_experts` consecutive experts of
-    `global_experts`: global id -> local id, -1 for the other ranks' (vLLM's default placement)."""
-    expert_map = torch.full((global_experts,), -1, dtype=torch.int32, device=device)
-    first = rank * local_experts
-    expert_map[first:first + local_experts] = torch.arange(local_experts, dtype=torch.int32, device=device)
-    return expert_map
-
-
 def _json_config(config) -> Mapping[str, int]:
     """The kernels read configs by their JSON keys: a LaunchConfig goes in as its JSON form."""
     return config.to_json() if hasattr(config, "to_json") else config

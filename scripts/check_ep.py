@@ -1,7 +1,7 @@
 """Expert parallelism on the GPU: one rank holding half the experts against the whole layer.
 
 Per shape and M: random tokens routed over all E experts; rank 0 holds experts [0, E/2) and
-rank 1 the rest, each through `fused_experts(..., expert_map=, global_num_experts=E)`. The
+rank 1 the rest (expert_map.rank_expert_map), each through `fused_experts(..., expert_map=, global_num_experts=E)`. The
 two ranks' outputs summed are checked against the float64 layer (fp8: the emulated
 quantization reference), and rank 0's time is set beside the whole layer's, both with the
 whole layer's configs for that M from the dispatcher (packaged table or default heuristic),
@@ -23,23 +23,13 @@ import torch
 
 from moetune import fused_experts, get_config, quantize_weights
 from moetune.bench import make_layer_inputs, make_weights
+from moetune.expert_map import rank_expert_map
 from moetune.measure import time_interleaved
 from moetune.quant import fp8_moe_reference, fp8_tolerance
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 
 SHAPES = {"qwen3": (128, 8, 2048, 768), "deepseek-tp8": (256, 8, 7168, 256)}  # E, topk, K, N
 BLOCK = [128, 128]
-
-
-def rank_maps(num_experts: int, device) -> list[torch.Tensor]:
-    """Two ranks, each holding a contiguous half of the experts; -1 marks another rank's."""
-    half = num_experts // 2
-    maps = []
-    for rank in range(2):
-        expert_map = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
-        expert_map[rank * half:(rank + 1) * half] = torch.arange(half, dtype=torch.int32, device=device)
-        maps.append(expert_map)
-    return maps
 
 
 def measure(shape: str, M: int, dtype: str, device) -> dict:
@@ -71,7 +61,8 @@ def measure(shape: str, M: int, dtype: str, device) -> dict:
                                      **configs, **scales, **extra)
 
     whole = layer()
-    ranks = [layer(slice(r * half, (r + 1) * half), m) for r, m in enumerate(rank_maps(E, device))]
+    ranks = [layer(slice(rank * half, (rank + 1) * half), rank_expert_map(half, E, rank=rank, device=device))
+             for rank in range(2)]
     if fp8:
         reference = fp8_moe_reference(x, w1, w2, w1_scale, w2_scale, weights, ids, block_shape=BLOCK)
         tolerance = fp8_tolerance(BLOCK)

@@ -33,10 +33,10 @@ from ..kernels.align import AlignedTokens
 from ..kernels.gemm_operands import Fp8Scales
 from ..kernels.grouped_gemm import GemmGeometry
 from ..kernels.launch import compile_only
-from ..expert_map import local_expert_ids
+from ..expert_map import local_expert_ids, rank_expert_map
 from ..layer import Fp8Weights
 from ..loader import default_launch_config
-from ..measure import LayerCase, check, rank_expert_map
+from ..measure import LayerCase, check
 from ..quant import FP8_DTYPE, quantize_activations, quantize_weights
 from ..shapes import MoEShape
 from ..tables import TableDtype

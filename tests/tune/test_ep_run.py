@@ -9,9 +9,8 @@ import torch
 
 from moetune import fused_experts, get_config
 from moetune.cli import main
-from moetune.expert_map import local_expert_ids
+from moetune.expert_map import local_expert_ids, rank_expert_map
 from moetune.loader import clear_cache
-from moetune.measure import rank_expert_map
 from moetune.reference import TOLERANCE, moe_reference, relative_error
 from moetune.tables import read_record
 from tests.tune.conftest import QUIET, TINY, replace_timings
