@@ -36,7 +36,7 @@ from moetune.loader import get_config
 from moetune.measure import LayerCase, check, time_interleaved
 from moetune.reference import TOLERANCE
 from moetune.tables import write_atomic
-from moetune.device import HOPPER_SHARED_MEMORY_BYTES
+from moetune.device import local_device
 from moetune.types import LaunchConfig, Switches, SwitchError
 
 BASELINE = "sglang-vllm-h200"  # the anchor's configs and figures, packaged with moetune
@@ -100,10 +100,11 @@ def all_switch_sets() -> list[Switches]:
 
 def fitted(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchConfig) -> tuple[LaunchConfig, LaunchConfig]:
     """The configs a switch set can run: GEMM 2 on GEMM 1's BLOCK_SIZE_M for sorted rows, GEMM 1
-    with as few stages as two weight tiles need to fit in shared memory."""
+    with as few stages as two weight tiles need to fit in this device's shared memory."""
     if switches.sorted_rows:
         gemm2 = gemm2.replace(block_m=gemm1.block_m)
-    while (gemm1.fit_problem(2, HOPPER_SHARED_MEMORY_BYTES, weight_tiles=switches.weight_tiles) is not None
+    shared_memory = local_device().shared_memory_bytes
+    while (gemm1.fit_problem(2, shared_memory, weight_tiles=switches.weight_tiles) is not None
            and gemm1.num_stages > 1):
         gemm1 = gemm1.replace(num_stages=gemm1.num_stages - 1)
     return gemm1, gemm2
