@@ -129,7 +129,9 @@ def collect(settings: TuneSettings, log: Callable[[str], None] = print, allow_in
 
 def open_checked_storage(settings: TuneSettings) -> StudyStorage:
     """The run's storage, opened and checked against the other runs it holds."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna's warnings are storage hiccups it recovers from, logged as many-line SQL dumps;
+    # what fails, moetune says in one line itself.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(settings.storage_location(), settings.heartbeat_s, _storage_name(settings))
     suffixes = {settings.study_suffix(key.study(role)) for key in settings.batches() for role in settings.roles}
     Sharer(settings.device, settings.heartbeat_s).check_run_studies(storage, suffixes)
