@@ -399,13 +399,13 @@ def test_a_postgres_restart_under_two_workers_loses_nothing(postgres_restarted):
     assert batch_sizes(postgres_restarted["table"]) == [POSTGRES_M]
 
 
-def test_workers_reconnect_to_a_restarted_postgres_or_stop_in_one_line(postgres_restarted):
+def test_workers_reconnect_to_a_restarted_postgres_and_finish(postgres_restarted):
+    """A server down for 2 s is well inside the outage a run rides out (STORAGE_OUTAGE_S): both
+    workers reopen their studies and finish, and the writer writes the table."""
     job = postgres_restarted["job"]
     err = job.err
     print(f"the run exited {job.code}:\n{job.out}\n{err}")
-    assert "Traceback" not in err, err[-3000:]
-    if job.code == 0:  # the workers reconnected and finished
-        assert "exited with code" not in job.out + err
-    else:  # it stopped, saying why in one line (each worker and the parent at most one)
-        lines = err.strip().splitlines()
-        assert 1 <= len(lines) <= 3 and all("moetune:" in line for line in lines), err[-3000:]
+    assert job.code == 0, err[-3000:]
+    assert "Traceback" not in err and "moetune: error" not in err, err[-3000:]
+    assert "exited with code" not in job.out
+    assert "lost the connection to the storage (OperationalError: " in job.out + err

@@ -44,7 +44,7 @@ from .choose import print_summary, write_batch, written_record
 from .compile_pool import COMPILE_TIMEOUT_S, Compiler, compiler_for
 from .inputs import BatchBench, InputCache, helper_requests, role_compile_request
 from .settings import BatchKey, StudyKey, TuneSettings
-from .storage import Sharer, StudyStorage, TrialHeartbeat, open_storage, storage_exists
+from .storage import Sharer, StudyStorage, TrialHeartbeat, open_storage, storage_exists, with_reconnects
 from .study import RoleStudy, StudyContext, open_study, unsettled_for_collect
 from .walk import walk_order
 from .warm import WarmStarts
@@ -61,7 +61,15 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     """Tune every shape and batch size of `settings`; returns the tables written (and closes
     `compiler`, made by compiler_for if the caller started it before touching CUDA).
 
-    write_tables=False is a worker: it runs trials only and leaves the tables to `collect`."""
+    write_tables=False is a worker: it runs trials only and leaves the tables to `collect`.
+    A lost database connection reopens the studies and resumes (storage.with_reconnects)."""
+    attempts = iter([compiler])  # the caller's compiler serves the first attempt only: each closes its own
+    return with_reconnects(settings.storage_location(),
+                           lambda: _tune_once(settings, log, write_tables, next(attempts, None)), log)
+
+
+def _tune_once(settings: TuneSettings, log: Callable[[str], None], write_tables: bool,
+               compiler: Compiler | None) -> list[Path]:
     # The compile processes first: they start while the storage opens and the run sets up.
     compiler = compiler or compiler_for(settings.compile_workers, settings.device.is_gpu)
     compiler.capability = settings.device.compute_capability

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -36,7 +37,7 @@ from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
 from ..device import DeviceInfo
-from ..errors import UsageError
+from ..errors import RunFailure, UsageError, one_line
 
 STUDY_FILE = "moetune-studies.journal"
 DEFAULT_HEARTBEAT_S = 5
@@ -59,6 +60,11 @@ DEVICE_ATTR = "device"  # name of the GPU the study's trials run on
 HEARTBEAT_INTERVAL_ATTR = "heartbeat_s"
 # Trial user attribute: the process holding the trial ({"host", "pid", "device", "trial"}).
 WORKER_ATTR = "worker"
+# A database server restarting (an upgrade, a failover) is gone for seconds: a run that loses
+# its connection reopens its studies every RECONNECT_PAUSE_S and carries on, and stops with
+# one line only once the server has been unreachable this long.
+STORAGE_OUTAGE_S = 60.0
+RECONNECT_PAUSE_S = 2.0
 
 
 def is_database_url(location: str) -> bool:
@@ -89,6 +95,50 @@ def storage_exists(location: str) -> bool:
         database = location[len("sqlite:///"):]
         return database in ("", ":memory:") or Path(database).is_file()
     return True
+
+
+def lost_connection(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain that says the database connection was lost (the server
+    stopped, restarted or is unreachable), else None (a query it refused). Optuna wraps it in
+    a StorageInternalError that blames the data, sometimes behind SQLAlchemy's demand for a
+    rollback of the broken transaction."""
+    try:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+    except ImportError:
+        return None
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def with_reconnects(location: str, attempt: Callable[[], object], log: Callable[[str], None] = print,
+                    outage_s: float = STORAGE_OUTAGE_S, pause_s: float = RECONNECT_PAUSE_S):
+    """attempt(), again after each lost connection to the database at `location`, until the
+    server has been unreachable `outage_s`; then RunFailure says so in one line. `attempt` must
+    resume from the studies (a tune does), so nothing measured is lost or measured twice.
+    A journal file has no connection to lose: its errors (a full disk) are raised at once."""
+    outage_began = None
+    while True:
+        started = time.monotonic()
+        try:
+            return attempt()
+        except Exception as error:
+            lost = lost_connection(error) if is_database_url(location) else None
+            if lost is None:
+                raise
+            now = time.monotonic()
+            if outage_began is None or now - started > outage_s:
+                outage_began = now  # the attempt ran long: a new outage, not the old one going on
+            if now - outage_began >= outage_s:
+                raise RunFailure(f"the storage has been unreachable for {now - outage_began:.0f} s "
+                                 f"({one_line(lost)}); a rerun resumes") from error
+            log(f"lost the connection to the storage ({one_line(lost)}); "
+                f"reopening the studies in {pause_s:g} s")
+            time.sleep(pause_s)
 
 
 def _retry_stale_trials() -> tuple[str, object]:

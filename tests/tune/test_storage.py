@@ -8,8 +8,9 @@ import optuna
 import pytest
 from optuna.storages import JournalStorage, RDBStorage
 
+from moetune.errors import RunFailure
 from moetune.tune.storage import (GRACE_BEATS, JOURNAL_LOCK_GRACE_S, TrialHeartbeat, ask, open_storage,
-                                   storage_exists)
+                                   storage_exists, with_reconnects)
 
 
 def test_a_trial_whose_heartbeat_stops_is_failed_and_retried_once(tmp_path):
@@ -81,3 +82,79 @@ def test_a_renamed_lock_that_a_killed_process_left_is_removed_once_stale(tmp_pat
     os.utime(left[0], (stale, stale), follow_symlinks=False)
     open_storage(str(journal))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["studies.journal"]
+
+
+def _database_in(folder) -> tuple[str, RDBStorage]:
+    folder.mkdir()
+    url = f"sqlite:///{folder / 's.db'}"
+    storage = RDBStorage(url)
+    optuna.create_study(storage=storage, study_name="s")
+    return url, storage
+
+
+def test_a_lost_database_connection_is_reopened_until_the_database_is_back(tmp_path):
+    url, storage = _database_in(tmp_path / "db")
+    (tmp_path / "db").rename(tmp_path / "away")  # the server is gone: new connections fail
+    storage.engine.dispose()
+    lines = []
+
+    def log(line):  # the server comes back after the second failure
+        lines.append(line)
+        if len(lines) == 2:
+            (tmp_path / "away").rename(tmp_path / "db")
+
+    names = with_reconnects(url, lambda: [s.study_name for s in storage.get_all_studies()], log,
+                            outage_s=30, pause_s=0.01)
+    assert names == ["s"]
+    assert lines == ["lost the connection to the storage (OperationalError: (sqlite3.OperationalError) unable to "
+                     "open database file); reopening the studies in 0.01 s"] * 2
+    assert all("\n" not in line for line in lines)
+
+
+def test_a_database_that_stays_unreachable_stops_the_run_after_the_outage_limit(tmp_path):
+    url, storage = _database_in(tmp_path / "db")
+    (tmp_path / "db").rename(tmp_path / "away")
+    storage.engine.dispose()
+    lines = []
+    began = time.monotonic()
+    with pytest.raises(RunFailure, match=r"^the storage has been unreachable for \d+ s \(OperationalError: "
+                                         r"\(sqlite3.OperationalError\) unable to open database file\); a rerun resumes$"):
+        with_reconnects(url, storage.get_all_studies, lines.append, outage_s=0.3, pause_s=0.05)
+    assert 0.3 <= time.monotonic() - began < 5 and len(lines) >= 2
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_errors_that_are_not_a_lost_connection_are_raised_at_once(tmp_path, journal):
+    location = str(tmp_path / "s.journal") if journal else f"sqlite:///{tmp_path / 's.db'}"
+    calls, lines = [], []
+
+    def attempt():
+        calls.append(1)
+        if journal:  # a full disk under a journal file: no connection to reopen
+            raise OSError(28, "No space left on device")
+        raise optuna.exceptions.DuplicatedStudyError("s exists")
+
+    with pytest.raises((OSError, optuna.exceptions.DuplicatedStudyError)):
+        with_reconnects(location, attempt, lines.append, outage_s=30, pause_s=0.01)
+    assert calls == [1] and lines == []
+
+
+def test_connections_lost_far_apart_are_separate_outages(tmp_path):
+    """A run that loses its connection, resumes, and loses it again long after is not stopped
+    for the sum of both outages."""
+    url, storage = _database_in(tmp_path / "db")
+    (tmp_path / "db").rename(tmp_path / "away")
+    storage.engine.dispose()
+    lines = []
+
+    def attempt():
+        time.sleep(0.25)  # each attempt runs longer than the outage limit before it fails
+        return storage.get_all_studies()
+
+    def log(line):
+        lines.append(line)
+        if len(lines) == 3:
+            (tmp_path / "away").rename(tmp_path / "db")
+
+    assert len(with_reconnects(url, attempt, log, outage_s=0.2, pause_s=0.01)) == 1
+    assert len(lines) == 3
