@@ -65,7 +65,10 @@ def studies_in(location: str) -> dict[str, list]:
 
 
 def measured_configs(trials) -> list[tuple]:
-    return [tuple(sorted(t.params.items())) for t in trials if t.user_attrs.get("status") == "measured"]
+    """Configs of the trials measured and told. A process killed between recording a trial's
+    status and telling its value leaves it RUNNING with the status: it is failed and retried."""
+    return [tuple(sorted(t.params.items())) for t in trials
+            if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "measured"]
 
 
 def counted(trials) -> list:
