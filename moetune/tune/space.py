@@ -149,6 +149,9 @@ class Problem:
     k_in: int  # reduction length
     dtype_bytes: int  # bytes per element of the operands
     block_k: int | None = None  # block fp8: a K tile must lie within one scale block
+    # Expert parallelism: the experts the tokens are routed among, all ranks' (None: E). A rank's
+    # experts get the rows of M * topk / routed_experts each, not M * topk / E.
+    routed_experts: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gemm", _gemm(self.gemm))
@@ -156,26 +159,32 @@ class Problem:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if self.topk > self.E:
-            raise UsageError(f"topk ({self.topk}) cannot exceed the number of experts E ({self.E})")
+        if self.routed_experts is not None and self.routed_experts < self.E:
+            raise UsageError(f"routed_experts ({self.routed_experts}) cannot be fewer than this rank's E ({self.E})")
+        if self.topk > self.experts_routed_to:
+            raise UsageError(f"topk ({self.topk}) cannot exceed the number of experts E ({self.experts_routed_to})")
         if self.dtype_bytes not in DTYPE_BYTES:
             raise UsageError(f"dtype_bytes must be one of {DTYPE_BYTES}, got {self.dtype_bytes!r}")
 
     @classmethod
     def for_gemm(cls, gemm: Gemm | str, M: int, E: int, N: int, K: int, topk: int, dtype_bytes: int,
-                 block_k: int | None = None) -> Problem:
+                 block_k: int | None = None, routed_experts: int | None = None) -> Problem:
         # GEMM 1: hidden [.., K] -> gate/up [.., 2N]; GEMM 2: activation [.., N] -> hidden [.., K].
-        if _gemm(gemm) is Gemm.GEMM1:
-            return cls(Gemm.GEMM1, M, E, topk, n_out=2 * N, k_in=K, dtype_bytes=dtype_bytes, block_k=block_k)
-        return cls(Gemm.GEMM2, M, E, topk, n_out=K, k_in=N, dtype_bytes=dtype_bytes, block_k=block_k)
+        n_out, k_in = (2 * N, K) if _gemm(gemm) is Gemm.GEMM1 else (K, N)
+        return cls(_gemm(gemm), M, E, topk, n_out=n_out, k_in=k_in, dtype_bytes=dtype_bytes, block_k=block_k,
+                   routed_experts=routed_experts)
 
     @property
     def rows(self) -> int:
         return self.M * self.topk
 
     @property
+    def experts_routed_to(self) -> int:
+        return self.routed_experts or self.E
+
+    @property
     def rows_per_expert(self) -> int:
-        return -(-self.rows // self.E)
+        return -(-self.rows // self.experts_routed_to)
 
     def num_m_blocks(self, block_m: int) -> int:
         """Row blocks the kernel's grid holds, as sized by kernels/align.py's max_padded_rows:

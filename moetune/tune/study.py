@@ -126,7 +126,8 @@ def open_study(key: StudyKey, context: StudyContext, create: bool) -> RoleStudy 
     settings = context.settings
     shape, M = key.batch.shape, key.batch.M
     problem = Problem.for_gemm(key.role.gemm, M, shape.E, shape.N, shape.K, shape.topk,
-                               settings.dtype.operand_bytes, settings.dtype.max_block_k)
+                               settings.dtype.operand_bytes, settings.dtype.max_block_k,
+                               routed_experts=settings.global_experts(shape))
     candidates = Candidates(settings.space, problem, settings.device.shared_memory_bytes)
     sampler = study_sampler(settings.space, candidates, seed=(settings.seed + M + settings.sampler_salt) % 2**32)
     sharer = Sharer(settings.device, settings.heartbeat_s)

@@ -184,7 +184,7 @@ def _problem(target: LayerTarget, gemm: str) -> Problem:
     from .space import Problem  # space.py reads its `switches:` section through this module
 
     t = target
-    return Problem.for_gemm(gemm, t.M, t.E, t.N, t.K, t.topk, t.dtype_bytes)
+    return Problem.for_gemm(gemm, t.M, t.E, t.N, t.K, t.topk, t.dtype_bytes, routed_experts=t.global_experts)
 
 
 def _output_tiles(problem: Problem, config: LaunchConfig) -> int:

@@ -165,6 +165,16 @@ def test_rule_block_m_over_rows() -> None:
     assert reason(config(bm=128), TINY, space=big_blocks) is not None
 
 
+def test_rule_block_m_counts_rows_over_all_ranks_experts_under_expert_parallelism() -> None:
+    # One rank of 4 holding 8 of 32 experts: 64 tokens * topk 2 / 32 = 4 rows per expert, not 16.
+    rank = Problem.for_gemm(Gemm.GEMM1, M=64, E=8, N=4096, K=4096, topk=2, dtype_bytes=2, routed_experts=32)
+    assert rank.rows_per_expert == 4
+    assert "BLOCK_SIZE_M 64 > 16 for ~4 rows per expert" in reason(config(bm=64), rank)
+    assert reason(config(bm=16), rank) is None
+    with pytest.raises(UsageError, match=r"routed_experts \(4\) cannot be fewer than this rank's E \(8\)"):
+        Problem.for_gemm(Gemm.GEMM1, M=64, E=8, N=64, K=64, topk=2, dtype_bytes=2, routed_experts=4)
+
+
 def test_rule_tile_over_problem() -> None:
     problem = Problem(Gemm.GEMM2, M=4096, E=8, topk=2, n_out=64, k_in=100, dtype_bytes=2)
     assert "BLOCK_SIZE_N" in reason(config(bn=128, bk=64), problem)
