@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import TableError, UsageError
-from .loader import FROM_FAMILY, nearest_batch_size
+from .loader import nearest_batch_size
+from .table_paths import FROM_FAMILY
 from .switch_candidates import SGLANG_TMA, LayerCandidate, candidates_of, fastest, sglang_runs, vllm_runs
 from .table_listing import find_tables
 from .tables import FP8_W8A8, checked_config, read_table, write_atomic

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import loader
+from . import loader, table_paths
 from .device import DeviceInfo
 from .errors import TableError
 from .tables import Table, parse_table_file_name, read_record
@@ -13,7 +13,7 @@ from .tables import Table, parse_table_file_name, read_record
 
 @dataclass(frozen=True)
 class FoundTable:
-    file: loader.TableFile
+    file: table_paths.TableFile
     record: Table | None  # None: the file is not a valid table
     error: str | None
     used: bool  # False: shadowed by an earlier source, another family, or invalid
@@ -32,19 +32,19 @@ def find_tables(device: str | DeviceInfo | None = None) -> list[FoundTable]:
     """
     target = loader.resolve_device(device, strict=False)
     names: set[str] = set()
-    for root, _ in loader.table_roots():
-        folders = loader.device_folders(root) if target.compute_capability is not None else [root / target.key]
+    for root, _ in table_paths.table_roots():
+        folders = table_paths.device_folders(root) if target.compute_capability is not None else [root / target.key]
         for folder in folders:
             names.update(path.name for path in folder.glob("*.json") if parse_table_file_name(path.name))
     found: list[FoundTable] = []
     for name in sorted(names, key=shape_order):
         used_one = False
-        for candidate in loader.candidate_files(name, target):
+        for candidate in table_paths.candidate_files(name, target):
             try:
                 table, error = read_record(candidate.path), None
             except TableError as problem:
                 table, error = None, str(problem)
-            if table is not None and candidate.origin == loader.FROM_FAMILY and not loader.same_family(table, target):
+            if table is not None and candidate.origin == table_paths.FROM_FAMILY and not loader.same_family(table, target):
                 continue
             used = table is not None and not used_one
             used_one = used_one or used

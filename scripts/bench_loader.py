@@ -16,7 +16,7 @@ import tempfile
 import timeit
 import warnings
 
-from moetune import loader
+from moetune import loader, table_paths
 from moetune.device import local_device
 from moetune.tables import new_table, table_path, write_table
 
@@ -44,7 +44,7 @@ def main() -> None:
             M: {"unfused": {"gemm1": CONFIG, "gemm2": CONFIG, **TIMES}, "winner": "unfused"} for M in (1, 16, 256, 4096)
         }
         write_table(table_path(folder, device.key, **SHAPE, dtype="bf16"), table)
-        os.environ[loader.ENV_CONFIG_DIR] = folder
+        os.environ[table_paths.ENV_CONFIG_DIR] = folder
         loader.clear_cache()
         warnings.simplefilter("ignore", loader.ConfigWarning)
 

@@ -77,11 +77,12 @@ def rng():
 def isolated_loader(monkeypatch, tmp_path):
     """No loader environment settings, an empty packaged folder, fresh caches; yields that folder."""
     import moetune.loader as loader
+    import moetune.table_paths as table_paths
 
-    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
+    for name in (table_paths.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
         monkeypatch.delenv(name, raising=False)
     packaged = tmp_path / "packaged"
-    monkeypatch.setattr(loader, "PACKAGED_DIR", packaged)
+    monkeypatch.setattr(table_paths, "PACKAGED_DIR", packaged)
     loader.clear_cache()
     yield packaged
     loader.clear_cache()

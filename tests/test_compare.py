@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetune import cli, loader
+from moetune import cli, loader, table_paths
 from moetune.baseline_configs import find_anchor, packaged_baselines
 from moetune.device import local_device
 from moetune.reference import TOLERANCE
@@ -62,9 +62,9 @@ ANCHOR_COLUMNS = ["anchor_us", "dispatcher_over_anchor"]
 @contextlib.contextmanager
 def isolated_loader(monkeypatch, root: Path):
     """No tables but the test's own: no environment settings, an empty packaged folder."""
-    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
+    for name in (table_paths.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(loader, "PACKAGED_DIR", root / "packaged")
+    monkeypatch.setattr(table_paths, "PACKAGED_DIR", root / "packaged")
     loader.clear_cache()
     yield
     loader.clear_cache()
@@ -104,7 +104,7 @@ def compared(tmp_path_factory):
     previous_umask = os.umask(0o022)
     try:
         with pytest.MonkeyPatch.context() as monkeypatch, isolated_loader(monkeypatch, root):
-            monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(root / "tables"))
+            monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, str(root / "tables"))
             code, stdout, stderr = run_cli([*TINY, "--batch-sizes", "1,2", "--baseline-configs",
                                             baseline_file.parent, "--out", out])
     finally:

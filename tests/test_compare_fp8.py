@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from moetune import loader
+from moetune import loader, table_paths
 from moetune.cli import main
 from moetune.device import local_device
 from moetune.quant import fp8_tolerance
@@ -43,11 +43,11 @@ def tuned_table(root, dtype, config, block_shape=None):
 @pytest.fixture
 def loader_sees(monkeypatch, tmp_path):
     """The loader sees only `tables`: no packaged tables, no other environment settings."""
-    for name in (loader.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
+    for name in (table_paths.ENV_CONFIG_DIR, loader.ENV_STRICT, loader.ENV_DETERMINISTIC):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(loader, "PACKAGED_DIR", tmp_path / "packaged")
+    monkeypatch.setattr(table_paths, "PACKAGED_DIR", tmp_path / "packaged")
     tables = tmp_path / "tables"
-    monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(tables))
+    monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, str(tables))
     loader.clear_cache()
     yield tables
     loader.clear_cache()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from moetune import cli, loader
+from moetune import cli, loader, table_paths
 from moetune.configs import CONFIG_KEYS
 from moetune.errors import TableError, UsageError
 from moetune.baseline_configs import ANCHORS_FILE, Baseline, baseline_folder_for, find_baseline, packaged_baselines
@@ -183,8 +183,8 @@ def test_bf16_wins_the_shared_file_name_over_fp16(tmp_path):
 def test_export_defaults_to_the_tables_the_loader_uses(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loader, "local_device", lambda: CPU)
     used = write(tmp_path / "env", make_table(CPU, batch_sizes={2: entry(config(n=16))}))
-    write(loader.PACKAGED_DIR, make_table(CPU, batch_sizes={4: entry(config(n=32))}))  # shadowed
-    monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(tmp_path / "env"))
+    write(table_paths.PACKAGED_DIR, make_table(CPU, batch_sizes={4: entry(config(n=32))}))  # shadowed
+    monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, str(tmp_path / "env"))
     status, stdout, err = run_cli(monkeypatch, capsys, "export", "--format", "vllm", "--out", tmp_path / "out")
     assert status == 0, err
     assert read_like_vllm_and_sglang(tmp_path / "out" / "E=128,N=768,device_name=cpu.json") == {2: config(n=16)}

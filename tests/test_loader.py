@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetune import loader
+from moetune import loader, table_paths
 from moetune.configs import default_config
 from moetune.errors import TableError
 from moetune.loader import ConfigWarning, Selection, clear_cache, get_config, load_table, nearest_batch_size
@@ -37,7 +37,7 @@ def put(root, table, device_key=None) -> str:
 
 
 def use_env_dirs(monkeypatch, *folders):
-    monkeypatch.setenv(loader.ENV_CONFIG_DIR, os.pathsep.join(str(folder) for folder in folders))
+    monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, os.pathsep.join(str(folder) for folder in folders))
     clear_cache()
 
 
@@ -61,7 +61,7 @@ def only_at(M, gemm1, winner="unfused") -> dict:
 # --- sources ----------------------------------------------------------------------------
 
 def test_source_precedence(tmp_path, monkeypatch):
-    env1, env2, packaged = tmp_path / "env1", tmp_path / "env2", loader.PACKAGED_DIR
+    env1, env2, packaged = tmp_path / "env1", tmp_path / "env2", table_paths.PACKAGED_DIR
     env1_path = put(env1, only_at(1, config(n=16)))
     env2_path = put(env2, only_at(1, config(n=32)))
     packaged_path = put(packaged, only_at(1, config(n=64)))
@@ -307,7 +307,7 @@ def put_bad(root, bad) -> str:
 @pytest.mark.parametrize("name", list(BAD_TABLES))
 def test_bad_table_raises_in_strict_mode(name, tmp_path, monkeypatch):
     bad_path = put_bad(tmp_path / "env", BAD_TABLES[name])
-    put(loader.PACKAGED_DIR, make_table())
+    put(table_paths.PACKAGED_DIR, make_table())
     use_env_dirs(monkeypatch, tmp_path / "env")
     with pytest.raises(TableError) as raised:
         get_config(*SHAPE_ARGS, 1, device=H200, strict=True)
@@ -320,7 +320,7 @@ def test_bad_table_raises_in_strict_mode(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", list(BAD_TABLES))
 def test_bad_table_falls_back_with_one_warning(name, tmp_path, monkeypatch):
     bad_path = put_bad(tmp_path / "env", BAD_TABLES[name])
-    good_path = put(loader.PACKAGED_DIR, make_table())
+    good_path = put(table_paths.PACKAGED_DIR, make_table())
     use_env_dirs(monkeypatch, tmp_path / "env")
     with pytest.warns(ConfigWarning, match="skipping it") as caught:
         assert get_config(*SHAPE_ARGS, 1, device=H200).source == good_path
@@ -377,7 +377,7 @@ def test_cached_call_returns_the_same_object(tmp_path, monkeypatch):
     # The cache is not re-read until cleared: a new folder is seen only after clear_cache().
     other = tmp_path / "other"
     put(other, only_at(1, config(n=256)))
-    monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(other))
+    monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, str(other))
     assert get_config(*SHAPE_ARGS, 5, device=H200) is first
     clear_cache()
     assert get_config(*SHAPE_ARGS, 5, device=H200).gemm1.block_n == 256

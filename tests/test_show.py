@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from moetune import cli, loader
+from moetune import cli, loader, table_paths
 from moetune.tables import table_path
 from tests.test_loader import both_variants, put, put_bad, use_env_dirs
 from tests.test_tables import H100, H200, NOT_TABLES, make_table
@@ -26,8 +26,8 @@ def run_cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
 
 def test_show_lists_tables_in_lookup_order(tmp_path, monkeypatch, capsys):
     env_path = put(tmp_path / "env", both_variants())
-    packaged_path = put(loader.PACKAGED_DIR, make_table())
-    family_path = put(loader.PACKAGED_DIR, make_table(H100, E=64))
+    packaged_path = put(table_paths.PACKAGED_DIR, make_table())
+    family_path = put(table_paths.PACKAGED_DIR, make_table(H100, E=64))
     put_bad(tmp_path / "bad", "")
     use_env_dirs(monkeypatch, tmp_path / "env", tmp_path / "bad")
     monkeypatch.setattr(loader, "local_device", lambda: H200)

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moetune import cli, fused_moe, loader
+from moetune import cli, fused_moe, loader, table_paths
 from moetune.device import local_device
 from moetune.errors import TableError
 from moetune.files import MAX_JSON_NESTING
@@ -73,7 +73,7 @@ def where(isolated_loader, tmp_path, monkeypatch):
     """A good packaged table, and the path in MOETUNE_CONFIG_DIR (looked at first) each example fills."""
     good = table_path(isolated_loader, local_device().key, **SHAPE, dtype=DTYPE)
     write_table(good, _table())
-    monkeypatch.setenv(loader.ENV_CONFIG_DIR, str(tmp_path / "env"))
+    monkeypatch.setenv(table_paths.ENV_CONFIG_DIR, str(tmp_path / "env"))
     monkeypatch.setattr(cli, "COMMANDS", {"show": cli.COMMANDS["show"]})
     return table_path(tmp_path / "env", local_device().key, **SHAPE, dtype=DTYPE), good
 

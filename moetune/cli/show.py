@@ -6,7 +6,7 @@ import argparse
 import os
 import warnings
 
-from .. import loader
+from .. import loader, table_paths
 from ..configs import compact_config
 from ..device import CPU_KEY, DeviceInfo, device_key, local_device
 from ..errors import UsageError
@@ -39,7 +39,7 @@ def _check_gpu(gpu: str) -> None:
     if not gpu.strip():
         raise UsageError("--gpu needs a device name or key")
     local = local_device()
-    known = loader.device_keys_with_tables()
+    known = table_paths.device_keys_with_tables()
     if device_key(gpu) not in (local.key, *known):
         raise UsageError(f"--gpu {gpu!r}: no tables for this device and it is not this machine's ({local.name}); "
                          f"devices with tables: {', '.join(known) or 'none'}")
@@ -73,8 +73,8 @@ def show_text(target: DeviceInfo, found: list[FoundTable], deterministic: bool) 
     else:
         capability = "compute capability unknown: no same-family fallback"
     lines = [f"tables for {target.name} (key {target.key}, {capability})"]
-    dirs = os.pathsep.join(map(str, loader.config_dirs())) or "(unset)"
-    searched = [f"{loader.ENV_CONFIG_DIR}={dirs}", f"packaged={loader.PACKAGED_DIR}"]
+    dirs = os.pathsep.join(map(str, table_paths.config_dirs())) or "(unset)"
+    searched = [f"{table_paths.ENV_CONFIG_DIR}={dirs}", f"packaged={table_paths.PACKAGED_DIR}"]
     lines.append("searched: " + ", ".join(searched) + (", then same-family devices" if target.compute_capability else ""))
     if deterministic:
         lines.append(f"{loader.ENV_DETERMINISTIC}=1: the fused (atomic) variant is never picked")
@@ -86,7 +86,7 @@ def show_text(target: DeviceInfo, found: list[FoundTable], deterministic: bool) 
     for number, entry in enumerate(found, 1):
         status = "used" if entry.used else ("invalid" if entry.record is None else "shadowed")
         origin = entry.file.origin
-        source = origin if origin != loader.FROM_FAMILY else f"{origin} ({entry.file.device_key})"
+        source = origin if origin != table_paths.FROM_FAMILY else f"{origin} ({entry.file.device_key})"
         rows.append((str(number), status, source, str(entry.file.path)))
     lines += ["", *_aligned(rows)]
     lines += [f"   {entry.error}" for entry in found if entry.record is None]  # one line per bad table
