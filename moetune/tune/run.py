@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +53,8 @@ from .warm import WarmStarts
 WAIT_POLL_S = 0.5
 # How often a table writer, in moments it waits for compiles, looks for settled batch sizes.
 SETTLED_LOOK_S = 0.5
+# A budget spent by an outage still lets each study measure its few configs past the deadline.
+MIN_BUDGET_LEFT_MIN = 1e-3
 INTERPRETER_NOTE = "note: these timings come from Triton's interpreter on the CPU and mean nothing about speed"
 
 
@@ -64,8 +66,16 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
     write_tables=False is a worker: it runs trials only and leaves the tables to `collect`.
     A lost database connection reopens the studies and resumes (storage.with_reconnects)."""
     attempts = iter([compiler])  # the caller's compiler serves the first attempt only: each closes its own
-    return with_reconnects(settings.storage_location(),
-                           lambda: _tune_once(settings, log, write_tables, next(attempts, None)), log)
+    started = time.monotonic()
+
+    def attempt() -> list[Path]:
+        # A resumed attempt spends what is left of the run's --time-budget, not a fresh one.
+        budget = settings.time_budget_min
+        if budget is not None:
+            budget = max(budget - (time.monotonic() - started) / 60, MIN_BUDGET_LEFT_MIN)
+        return _tune_once(replace(settings, time_budget_min=budget), log, write_tables, next(attempts, None))
+
+    return with_reconnects(settings.storage_location(), attempt, log)
 
 
 def _tune_once(settings: TuneSettings, log: Callable[[str], None], write_tables: bool,

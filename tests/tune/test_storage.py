@@ -158,3 +158,33 @@ def test_connections_lost_far_apart_are_separate_outages(tmp_path):
 
     assert len(with_reconnects(url, attempt, log, outage_s=0.2, pause_s=0.01)) == 1
     assert len(lines) == 3
+
+
+def test_a_tune_resumed_after_a_lost_connection_spends_what_is_left_of_its_time_budget(tmp_path, monkeypatch):
+    from moetune.device import DeviceInfo
+    from moetune.tune import run
+    from moetune.tune.settings import TuneSettings
+    from moetune.tune.space import load_space
+
+    url, storage = _database_in(tmp_path / "db")
+    (tmp_path / "db").rename(tmp_path / "away")
+    storage.engine.dispose()
+    attempts = []
+
+    def attempt(settings, log, write_tables, compiler):
+        attempts.append((settings.time_budget_min, compiler))
+        if len(attempts) == 1:
+            time.sleep(0.6)  # 0.01 of the budget's minute spent, then the server goes
+            storage.get_all_studies()
+        return []
+
+    monkeypatch.setattr(run, "_tune_once", attempt)
+    monkeypatch.setattr(run, "with_reconnects",
+                        lambda location, fn, log: with_reconnects(location, fn, log, pause_s=0.01))
+    settings = TuneSettings([], "fp16", [1], ["unfused"], 1, tmp_path, DeviceInfo("cpu", "cpu", None, 232448),
+                            load_space(), storage=url, time_budget_min=0.5)
+    caller_s = object()
+    assert run.tune(settings, log=lambda line: None, compiler=caller_s) == []
+    (first, first_compiler), (second, second_compiler) = attempts
+    assert 0.5 - 1e-3 < first <= 0.5 and first_compiler is caller_s
+    assert 0.5 - 0.02 < second < 0.5 - 0.01 and second_compiler is None  # a closed compiler is not reused
