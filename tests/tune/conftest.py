@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import optuna
 import pytest
 
-import moetune.tune.run as run_module
+import moetune.tune.tuning_run as run_module
 from moetune.tune import Compiler
 from moetune.tune.inputs import BatchBench, role_compile_request
 from moetune.tune.storage import database_url
