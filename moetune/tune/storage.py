@@ -135,7 +135,7 @@ def with_reconnects(location: str, attempt: Callable[[], object], log: Callable[
                 outage_began = now  # the attempt ran long: a new outage, not the old one going on
             if now - outage_began >= outage_s:
                 raise RunFailure(f"the storage has been unreachable for {now - outage_began:.0f} s "
-                                 f"({one_line(lost)}); a rerun resumes") from error
+                                 f"({one_line(lost)})") from error
             log(f"lost the connection to the storage ({one_line(lost)}); "
                 f"reopening the studies in {pause_s:g} s")
             time.sleep(pause_s)
