@@ -187,4 +187,5 @@ def test_a_tune_resumed_after_a_lost_connection_spends_what_is_left_of_its_time_
     assert run.tune(settings, log=lambda line: None, compiler=caller_s) == []
     (first, first_compiler), (second, second_compiler) = attempts
     assert 0.5 - 1e-3 < first <= 0.5 and first_compiler is caller_s
-    assert 0.5 - 0.02 < second < 0.5 - 0.01 and second_compiler is None  # a closed compiler is not reused
+    # At least the 0.6 s slept (0.01 min) is spent; the bound above leaves room for a loaded machine.
+    assert 0.4 < second <= 0.5 - 0.01 and second_compiler is None  # a closed compiler is not reused
