@@ -111,7 +111,7 @@ def role_time(result: RoleResult, config: LaunchConfig) -> float:
 
 def layer_target(bench: BatchBench, settings: TuneSettings) -> LayerTarget:
     device = settings.device
-    return LayerTarget(bench.M, bench.E, bench.N, bench.K, bench.topk, settings.torch_dtype.itemsize,
+    return LayerTarget(bench.M, bench.E, bench.N, bench.K, bench.topk, settings.dtype.operand_bytes,
                        device.shared_memory_bytes, default_num_programs(bench.w1.device), device.compute_capability,
                        bench.global_experts)
 
