@@ -55,7 +55,10 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
 
     write_tables=False is a worker: it runs trials only and leaves the tables to `collect`.
     A lost database connection reopens the studies and resumes (storage.with_reconnects)."""
-    attempts = iter([compiler])  # the caller's compiler serves the first attempt only: each closes its own
+    # The compile processes first: they start while the storage opens and the run sets up. One
+    # pool serves every attempt: a reconnect must not start (and import into) fresh processes.
+    compiler = compiler or compiler_for(settings.compile_workers, settings.device.is_gpu)
+    compiler.capability = settings.device.compute_capability
     started = time.monotonic()
 
     def attempt() -> list[Path]:
@@ -63,21 +66,17 @@ def tune(settings: TuneSettings, log: Callable[[str], None] = print, write_table
         budget = settings.time_budget_min
         if budget is not None:
             budget = max(budget - (time.monotonic() - started) / 60, MIN_BUDGET_LEFT_MIN)
-        return _tune_once(replace(settings, time_budget_min=budget), log, write_tables, next(attempts, None))
+        return _tune_once(replace(settings, time_budget_min=budget), log, write_tables, compiler)
 
-    return with_reconnects(settings.storage_location(), attempt, log)
+    try:
+        return with_reconnects(settings.storage_location(), attempt, log)
+    finally:
+        compiler.close()
 
 
 def _tune_once(settings: TuneSettings, log: Callable[[str], None], write_tables: bool,
-               compiler: Compiler | None) -> list[Path]:
-    # The compile processes first: they start while the storage opens and the run sets up.
-    compiler = compiler or compiler_for(settings.compile_workers, settings.device.is_gpu)
-    compiler.capability = settings.device.compute_capability
-    try:
-        storage = open_checked_storage(settings)
-    except BaseException:
-        compiler.close()
-        raise
+               compiler: Compiler) -> list[Path]:
+    storage = open_checked_storage(settings)
     run = TuningRun(settings, storage, log, write_tables, compiler)
     try:
         run.look_at_earlier_runs()  # complete studies, and the entries written from them

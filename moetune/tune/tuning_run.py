@@ -61,14 +61,14 @@ class TuningRun:
 
     def close(self) -> None:
         """End the trials asked here and not told (the run was interrupted, or asked ahead for
-        a study it did not reach), so that no other process waits for them; then the rest."""
+        a study it did not reach), so that no other process waits for them; then the rest
+        (the compile processes are the caller's to close: they outlive a reconnect)."""
         for batch in self.batches.values():
             for study in batch.studies.values():
                 study.abandon()
         if self.bar is not None:
             self.bar.close()
         self.context.heartbeat.close()
-        self.context.compiler.close()
         self.context.storage.remove_abandoned_locks()
 
     # -- before: what earlier runs left -------------------------------------------------------

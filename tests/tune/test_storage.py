@@ -160,7 +160,7 @@ def test_connections_lost_far_apart_are_separate_outages(tmp_path):
     assert len(lines) == 3
 
 
-def test_a_tune_resumed_after_a_lost_connection_spends_what_is_left_of_its_time_budget(tmp_path, monkeypatch):
+def test_a_tune_resumed_after_a_lost_connection_keeps_its_compilers_and_what_is_left_of_its_time_budget(tmp_path, monkeypatch):
     from moetune.device import DeviceInfo
     from moetune.tune import run
     from moetune.tune.settings import TuneSettings
@@ -183,9 +183,17 @@ def test_a_tune_resumed_after_a_lost_connection_spends_what_is_left_of_its_time_
                         lambda location, fn, log: with_reconnects(location, fn, log, pause_s=0.01))
     settings = TuneSettings([], "fp16", [1], ["unfused"], 1, tmp_path, DeviceInfo("cpu", "cpu", None, 232448),
                             load_space(), storage=url, time_budget_min=0.5)
-    caller_s = object()
+    class CallerCompiler:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    caller_s = CallerCompiler()
     assert run.tune(settings, log=lambda line: None, compiler=caller_s) == []
     (first, first_compiler), (second, second_compiler) = attempts
     assert 0.5 - 1e-3 < first <= 0.5 and first_compiler is caller_s
     # At least the 0.6 s slept (0.01 min) is spent; the bound above leaves room for a loaded machine.
-    assert 0.4 < second <= 0.5 - 0.01 and second_compiler is None  # a closed compiler is not reused
+    assert 0.4 < second <= 0.5 - 0.01
+    # One pool of compile processes serves every attempt, closed once the tune ends.
+    assert second_compiler is caller_s and caller_s.closed == 1
