@@ -5,7 +5,6 @@ that `moetune compare` and scripts/check_gpu.py report against. Packaged ones li
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 from .device import device_key as to_device_key
 from .errors import UsageError
 from .export import DTYPE_SELECTORS, ForeignName, read_foreign_configs, triton_folder_version
+from .files import read_json
 from .tables import TableDtype
 
 # Baselines packaged with moetune, one folder each: --baseline-configs takes a folder's name.
@@ -136,10 +136,7 @@ def read_anchors(path: str | os.PathLike) -> dict[tuple[int, int, int, int, str,
     """(E, N, K, topk, dtype, device key) -> Anchor, for every shape an anchors file lists:
     {"device": name, "source": line, "shapes": [{"E", "N", "K", "topk", "dtype", "us": {M: µs}}]}."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the anchor figures: {error}") from None
+    document = read_json(path, kind="anchor file")  # size and nesting limits, one-line TableError
 
     def checked(value, where: str, valid, wanted: str):
         if not valid(value):
@@ -173,7 +170,8 @@ def read_anchors(path: str | os.PathLike) -> dict[tuple[int, int, int, int, str,
                         "an object of batch size -> µs")
         times_us = {}
         for M, us in times.items():
-            checked(M, f"{where}.us key", lambda value: value.isdigit() and int(value) > 0, "a batch size")
+            checked(M, f"{where}.us key", lambda value: value.isascii() and value.isdigit() and int(value) > 0,
+                    "a batch size")
             times_us[int(M)] = float(checked(us, f"{where}.us[{M!r}]", positive, "a positive number of µs"))
         anchors[(E, N, K, topk, dtype, device)] = Anchor(dict(sorted(times_us.items())), source, path)
     return anchors

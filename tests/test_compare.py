@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from moetune import cli, loader, table_paths
-from moetune.baseline_configs import find_anchor, packaged_baselines
+from moetune.baseline_configs import find_anchor, packaged_baselines, read_anchors
 from moetune.device import local_device
 from moetune.reference import TOLERANCE
 from moetune.tables import new_table, table_path, write_table
@@ -246,6 +247,14 @@ def test_a_folder_without_anchor_figures_falls_back_to_the_packaged_ones(tmp_pat
     assert list(packaged.times_us) == [1, 4, 16, 64, 256, 1024, 4096, 16384]
     assert find_anchor(**qwen3, dtype="fp16", device_key="NVIDIA_H200") is None
     assert find_anchor(**qwen3, dtype="bf16", device_key="NVIDIA_H100_80GB_HBM3") is None
+
+
+@pytest.mark.parametrize("key", ["²", "٣", "0", "x"])
+def test_an_anchor_batch_size_that_is_not_ascii_digits_is_refused_naming_the_file(tmp_path, key):
+    path = tmp_path / "anchors.json"
+    path.write_text(json.dumps({**ANCHORS, "shapes": [{**ANCHORS["shapes"][0], "us": {key: 1.0}}]}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: shapes\[0\].us key must be a batch size"):
+        read_anchors(path)
 
 
 def bad_invocations(tmp_path: Path) -> list[tuple[list[str], str]]:
