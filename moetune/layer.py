@@ -10,7 +10,6 @@ no_combine returns the unfused variant's [M, topk, K] without the sum.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,7 +22,7 @@ from .kernels.activation import check_activation
 from .kernels.routing import check_routing
 from .loader import get_config, warn_once
 from .quant import FP8_DTYPE, check_block_shape
-from .tables import FP8_W8A8, TORCH_DTYPES, TableDtype
+from .tables import FP8_W8A8, TORCH_DTYPES
 from .types import OFF, LaunchConfig, Switches, SwitchError, Variant, unknown_keys
 
 ACTIVATION_DTYPES = tuple(TORCH_DTYPES.values())  # torch dtypes the layer computes in
@@ -111,28 +110,22 @@ def _given_config(config: LaunchConfig | Mapping, what: str) -> LaunchConfig:
     return checked
 
 
-def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic,
-                    fp8: TableDtype | None = None):
+def _select_configs(hidden_states, w1, topk, variant, config, down_config, deterministic, fp8: bool = False,
+                    block_shape=None):
     """The (GEMM 1 config, GEMM 2 config, variant, switches) to run: given, or from the
-    tuned tables. fp8 weights (`fp8`: their table dtype) take a table of the same quant
-    mode, else the default heuristic with BLOCK_SIZE_K cut to lie within one scale block."""
+    tuned tables. fp8 weights take a table of the same quant mode (`block_shape`: their
+    scale blocks), else the default heuristic with BLOCK_SIZE_K cut to lie within one block."""
     if config is None and down_config is None:
         m, k = hidden_states.shape
         e, two_n, _ = w1.shape
-        selection = get_config(e, two_n // 2, k, topk, fp8 or hidden_states.dtype, m,
-                               variant=variant, deterministic=deterministic)
+        selection = get_config(e, two_n // 2, k, topk, FP8_W8A8 if fp8 else hidden_states.dtype, m,
+                               variant=variant, deterministic=deterministic, block_shape=block_shape if fp8 else None)
         return selection.gemm1, selection.gemm2, selection.variant, selection.switches
     if config is None:
         raise ValueError("down_config was given without config; pass both or neither")
     gemm1 = _given_config(config, "config")
     gemm2 = _given_config(down_config, "down_config") if down_config is not None else gemm1
     return gemm1, gemm2, variant or Variant.UNFUSED, OFF
-
-
-@functools.lru_cache(maxsize=64)
-def _fp8_table_dtype(block_shape: tuple[int, int] | None) -> TableDtype:
-    """The table dtype of fp8 weights with these scale blocks; the layer asks per call."""
-    return TableDtype(FP8_W8A8, block_shape)
 
 
 def _given_switches(switches: Switches | Mapping, gemm1: LaunchConfig, gemm2: LaunchConfig) -> Switches:
@@ -238,9 +231,8 @@ def fused_experts(
         out = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device)
     if m == 0:
         return out
-    quant = _fp8_table_dtype(tuple(block_shape) if block_shape is not None else None) if fp8 else None
     gemm1, gemm2, variant, chosen = _select_configs(hidden_states, w1, topk, variant, config, down_config,
-                                                    deterministic, quant)
+                                                    deterministic, fp8, block_shape)
     switches = chosen if switches is None else _given_switches(switches, gemm1, gemm2)
 
     topk_ids = topk_ids.contiguous()
