@@ -31,8 +31,6 @@ HIDDEN_FIELDS = ("hidden_size",)
 INTERMEDIATE_FIELDS = ("moe_intermediate_size", "intermediate_size")  # Qwen/DeepSeek also list a dense size
 
 PRESET_KEYS = ("experts", "topk", "hidden", "intermediate", "renormalize", "num_layers")
-# A preset's published quantization, when its weights ship quantized (else bf16).
-QUANT_KEYS = ("dtype", "block_shape")
 FP8_W8A8 = "fp8_w8a8"  # tables.FP8_W8A8; shapes.py imports no torch
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..device import DeviceInfo
 from ..errors import UsageError
+from ..quant import check_block_shape
 from ..shapes import DEFAULT_BATCH_SIZES, MoEShape, parse_batch_sizes, resolve_shapes
 from ..tables import FP8_W8A8, TORCH_DTYPES, TableDtype
 from ..tune.storage import DEFAULT_HEARTBEAT_S, GRACE_BEATS, database_url, is_database_url
@@ -127,10 +128,10 @@ def parse_block_shape(text: str) -> tuple[int, int]:
     parts = [part.strip() for part in text.split(",")]
     if len(parts) != 2 or not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
         raise UsageError(f"--block-shape {text!r}: expected two positive integers BN,BK, e.g. 128,128")
-    block = (int(parts[0]), int(parts[1]))
-    if any(value < 16 or value & (value - 1) for value in block):
-        raise UsageError(f"--block-shape {text!r}: block_n and block_k must be powers of two >= 16")
-    return block
+    try:
+        return check_block_shape((int(parts[0]), int(parts[1])), f"--block-shape {text!r}")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def resolve_dtype(requested: str | None, device: DeviceInfo, atomics: bool) -> str:
