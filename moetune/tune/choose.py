@@ -32,7 +32,7 @@ from .sampler import sampler_description
 from .settings import BatchKey, Clock, TuneSettings
 from .study import RoleResult, rejection_reasons, study_result
 from .switch_search import LayerBuilds, Pair, pair_pool, planned_layers, search_switches
-from .switch_space import LayerTarget
+from .switch_space import LayerTarget, SwitchSpace
 
 # GEMM 1 study user attribute: the entry written for its batch size, a digest of the
 # measured configs it was chosen from and the switch space it searched.
@@ -125,26 +125,23 @@ def layer_builds(bench: BatchBench, compiler: Compiler | None) -> LayerBuilds:
         bench.M, shape, bench.dtype, bench.quant, layer.variant, layer.gemm1, layer.gemm2, layer.switches)))
 
 
-def plan_switch_layers(builds: LayerBuilds, variant: Variant, pair: Pair, pool: list[Pair], bench: BatchBench,
-                       settings: TuneSettings) -> None:
-    """Compile ahead the layers the variant's switch search checks while `pair` stays its best."""
-    if not builds.ahead:
-        return
-    space = settings.space.switches
-    base = LayerCandidate(variant, OFF, *pair, None, MEASURED)
-    builds.plan(variant, planned_layers(base, space.families(), pool, layer_target(bench, settings), space))
+def plan_switch_layers(builds: LayerBuilds, variant: Variant, pool: list[Pair], target: LayerTarget,
+                       space: SwitchSpace) -> None:
+    """Compile ahead the layers the variant's switch search checks on its all-off layer: each
+    family's settings, on the first pair of `pool` the rules keep."""
+    if builds.ahead:
+        base = LayerCandidate(variant, OFF, *pool[0], None, MEASURED)  # only its variant and switches count
+        builds.plan(variant, planned_layers(base, space.families(), pool, target, space))
 
 
 def with_switches(bench: BatchBench, variant: Variant, pair: PairChoice, gemm1: RoleResult, gemm2: RoleResult,
-                  settings: TuneSettings, clock: Clock,
+                  pool: list[Pair], target: LayerTarget, settings: TuneSettings, clock: Clock,
                   builds: LayerBuilds | None = None) -> tuple[VariantRecord, list[LayerCandidate]]:
-    """The variant's choice after the switch search on top of its all-off `pair`, and every
-    switch candidate measured (the all-off pair first; none when the space has no switches)."""
-    if not settings.space.switches.searches:
-        return pair.record, []
+    """The variant's choice after the switch search on top of its all-off `pair` (`pool`: the
+    pairs the search may run a switch set on), and every switch candidate measured (the
+    all-off pair first)."""
     base = LayerCandidate(variant, OFF, pair.record.gemm1, pair.record.gemm2, pair.record.layer_us, MEASURED)
-    best, tried = search_switches(bench, base, pair_pool(pair.timed, gemm1, gemm2), layer_target(bench, settings),
-                                  settings.space.switches, settings.retime_rounds, clock,
+    best, tried = search_switches(bench, base, pool, target, settings.space.switches, settings.retime_rounds, clock,
                                   lambda layers, rounds: interleaved_medians(bench, layers, rounds, clock), builds)
     chosen = VariantRecord(best.gemm1, best.gemm2, role_time(gemm1, best.gemm1), role_time(gemm2, best.gemm2),
                            best.layer_us, best.switches)
@@ -158,18 +155,23 @@ def batch_entry(bench: BatchBench, results: dict[Role, RoleResult], settings: Tu
     first those on the pairs best by summed role time, then, once each variant's pair is
     chosen, those on its pool (which the searches, one variant after the other, wait for)."""
     roles = {variant: (results[Role.GEMM1], results[Role.down(variant)]) for variant in settings.variants}
-    builds = layer_builds(bench, compiler if settings.space.switches.searches else None)
+    space = settings.space.switches
+    target = layer_target(bench, settings)
+    builds = layer_builds(bench, compiler if space.searches else None)
     for variant, (gemm1, gemm2) in roles.items():
-        guessed = pair_pool((), gemm1, gemm2)
-        plan_switch_layers(builds, variant, guessed[0], guessed, bench, settings)
+        plan_switch_layers(builds, variant, pair_pool((), gemm1, gemm2), target, space)
     chosen = {variant: choose_pair(bench, variant, *roles[variant], settings, clock) for variant in roles}
-    for variant, pair in chosen.items():
-        plan_switch_layers(builds, variant, (pair.record.gemm1, pair.record.gemm2),
-                           pair_pool(pair.timed, *roles[variant]), bench, settings)
-    pairs, candidates = {}, []
-    for variant, pair in chosen.items():
-        pairs[variant], tried = with_switches(bench, variant, pair, *roles[variant], settings, clock, builds)
-        candidates += tried
+    if not space.searches:
+        pairs, candidates = {variant: pair.record for variant, pair in chosen.items()}, []
+    else:
+        pools = {variant: pair_pool(pair.timed, *roles[variant]) for variant, pair in chosen.items()}
+        for variant, pool in pools.items():
+            plan_switch_layers(builds, variant, pool, target, space)
+        pairs, candidates = {}, []
+        for variant, pair in chosen.items():
+            pairs[variant], tried = with_switches(bench, variant, pair, *roles[variant], pools[variant], target,
+                                                  settings, clock, builds)
+            candidates += tried
     if len(pairs) > 1:
         # At large batches the variants are often closer than the spread of one timing: time
         # their chosen pairs against each other before naming the winner.
