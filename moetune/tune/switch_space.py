@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from ..errors import UsageError
@@ -315,6 +315,6 @@ def switch_prune_reason(switches: Switches, gemm1: LaunchConfig, gemm2: LaunchCo
 def with_setting(switches: Switches, setting: Mapping[str, Any]) -> Switches | None:
     """`switches` with `setting` on top; None when the kernels cannot run the combination."""
     try:
-        return Switches(**{**{name: getattr(switches, name) for name in SWITCH_NAMES}, **setting})
+        return replace(switches, **setting)
     except SwitchError:
         return None
