@@ -2,9 +2,9 @@
 tensor-parallel size an H200 deployment uses, into tuned_configs/NVIDIA_H200/.
 
 The TP size is the smallest of 1, 2, 4, 8 at which a rank's share of the MoE weights in bf16
-fits the H200's 141 GB, DeepSeek-V3 at 8 (its H200 deployments run at TP 8; in bf16 its
-experts alone need 1.3 TB, which no TP size of one node fits). The weights are approximated
-by the MoE layers alone:
+fits the H200's 141 GB (an FP8 release at its bf16 model's size, as the fp8 tables are
+packaged), DeepSeek-V3 at 8 (its H200 deployments run at TP 8; in bf16 its experts alone need
+1.3 TB, which no TP size of one node fits). The weights are approximated by the MoE layers:
 
     bytes = num_layers x E x 3 x N x K x 2      (w1 holds 2N x K per expert, w2 K x N; bf16)
 
@@ -24,33 +24,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from moetune.shapes import MoEShape, load_presets
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ROOT / "moetune" / "presets.yaml"
 H200_MEMORY_BYTES = 141e9
 TP_SIZES = (1, 2, 4, 8)  # one node's GPUs
-FIXED_TP = {"DeepSeek-V3": 8}
+FIXED_TP = {"DeepSeek-V3": 8, "DeepSeek-V3-FP8": 8}
 
 
-def moe_weight_bytes(preset: dict) -> int:
-    return preset["num_layers"] * preset["experts"] * 3 * preset["intermediate"] * preset["hidden"] * 2
+def moe_weight_bytes(shape: MoEShape) -> int:
+    return shape.num_layers * shape.E * 3 * shape.N * shape.K * 2
 
 
-def deployment_tp(name: str, preset: dict) -> int:
-    if name in FIXED_TP:
-        return FIXED_TP[name]
-    fits = [tp for tp in TP_SIZES if moe_weight_bytes(preset) / tp <= H200_MEMORY_BYTES]
+def deployment_tp(shape: MoEShape) -> int:
+    if shape.name in FIXED_TP:
+        return FIXED_TP[shape.name]
+    fits = [tp for tp in TP_SIZES if moe_weight_bytes(shape) / tp <= H200_MEMORY_BYTES]
     if not fits:
-        raise SystemExit(f"package_tables.py: {name}'s MoE weights fit no TP size of {TP_SIZES}: name one in FIXED_TP")
+        raise SystemExit(f"package_tables.py: {shape.name}'s MoE weights fit no TP size of {TP_SIZES}: "
+                         f"name one in FIXED_TP")
     return fits[0]
 
 
 def commands(extra: list[str]) -> list[list[str]]:
-    presets = yaml.safe_load(PRESETS.read_text(encoding="utf-8"))
     return [[sys.executable, "-m", "moetune", "run", "--gpu", "H200", "--model", name,
-             "--tp-size", str(deployment_tp(name, preset)), "--out-dir", str(ROOT / "tuned_configs"), *extra]
-            for name, preset in presets.items()]
+             "--tp-size", str(deployment_tp(shape)), "--out-dir", str(ROOT / "tuned_configs"), *extra]
+            for name, shape in load_presets().items()]
 
 
 def main() -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -396,3 +398,14 @@ def test_default_batch_sizes_are_sorted_unique_and_round_trip():
     assert DEFAULT_BATCH_SIZES == sorted(set(DEFAULT_BATCH_SIZES))
     assert DEFAULT_BATCH_SIZES[0] == 1 and DEFAULT_BATCH_SIZES[-1] == 16384 and len(DEFAULT_BATCH_SIZES) == 20
     assert parse_batch_sizes(",".join(map(str, DEFAULT_BATCH_SIZES))) == DEFAULT_BATCH_SIZES
+
+
+def test_the_packaging_script_names_a_deployment_tp_size_for_every_preset():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "package_tables.py"
+    result = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    tp = {line.split("--model ")[1].split()[0]: int(line.split("--tp-size ")[1].split()[0])
+          for line in result.stdout.splitlines()}
+    assert sorted(tp) == sorted(load_presets())
+    assert tp["Qwen3-30B-A3B"] == 1 and tp["Qwen3-235B-A22B"] == 4 and tp["DeepSeek-V3"] == 8
+    assert tp["DeepSeek-V3-FP8"] == 8 and tp["Qwen3-235B-A22B-FP8"] == 4  # as the fp8 tables are packaged
