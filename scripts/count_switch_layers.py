@@ -11,6 +11,7 @@ import math
 import sys
 import time
 
+from moetune.device import HOPPER_SHARED_MEMORY_BYTES
 from moetune.shapes import DEFAULT_BATCH_SIZES
 from moetune.switch_candidates import LayerCandidate
 from moetune.tune.space import load_space
@@ -22,6 +23,16 @@ from moetune.types import OFF, LaunchConfig, Variant
 table = json.load(open(sys.argv[1]))
 E, N, K, topk = (table["shape"][k] for k in ("E", "N", "K", "topk"))
 space = load_space().switches
+# What each GEMM's kernel depends on besides its config (GEMM 1 is one kernel in both variants,
+# GEMM 2's epilogue differs; the fused SiLU changes GEMM 1 only, TMA for activations GEMM 2 only).
+GEMM1_SWITCHES = ("sorted_rows", "fuse_activation", "tma_weights", "split_k", "persistent")
+GEMM2_SWITCHES = ("sorted_rows", "tma_activations", "tma_weights", "split_k", "persistent")
+
+
+def kernel_switches(switches, names):
+    return tuple(getattr(switches, name) for name in names)
+
+
 entries = {int(M): e for M, e in table["batch_sizes"].items()}
 total = {"bands off": [0, 0], "bands on": [0, 0]}
 plan_s = 0.0
@@ -30,7 +41,7 @@ print(f"{'M':>6} {'rows/E':>7}  {'bands off':>9} {'bands on':>9}   families kept
 for M in DEFAULT_BATCH_SIZES:
     row = []
     for label, capability in (("bands off", None), ("bands on", (9, 0))):
-        target = LayerTarget(M, E, N, K, topk, 2, 232448, 132, capability)
+        target = LayerTarget(M, E, N, K, topk, 2, HOPPER_SHARED_MEMORY_BYTES, 132, capability)
         layers = 0
         gemm1_builds, gemm2_builds, families = set(), set(), set()
         for variant in Variant:
@@ -45,18 +56,14 @@ for M in DEFAULT_BATCH_SIZES:
             plan = planned_layers(LayerCandidate(variant, OFF, *pool[0], None), space.families(), pool, target, space)
             plan_s += time.perf_counter() - start
             layers += len(plan)
-            # GEMM 1 depends on its config and sorted/fused/TMA-weights/split/persistent, GEMM 2 on
-            # its config and every switch but the fused SiLU: count the distinct ones not all off.
-            # (GEMM 1 is the same kernel in both variants; GEMM 2's epilogue differs.)
-            gemm1_builds |= {(l.gemm1, l.switches.sorted_rows, l.switches.fuse_activation, l.switches.tma_weights,
-                              l.switches.split_k, l.switches.persistent) for l in plan}
-            gemm2_builds |= {(variant, l.gemm2, l.switches.sorted_rows, l.switches.tma_activations,
-                              l.switches.tma_weights, l.switches.split_k, l.switches.persistent) for l in plan}
+            # The distinct GEMM kernels not all off: the ones the role studies never built.
+            gemm1_builds |= {(l.gemm1, kernel_switches(l.switches, GEMM1_SWITCHES)) for l in plan}
+            gemm2_builds |= {(variant, l.gemm2, kernel_switches(l.switches, GEMM2_SWITCHES)) for l in plan}
             families |= {"split_k" if l.switches.split_k > 1 else "fuse" if l.switches.fuse_activation else
                          "sorted" if l.switches.sorted_rows else "tma_w" if l.switches.tma_weights else "persistent"
                          for l in plan}
-        kernels = len({b for b in gemm1_builds if b[1:] != (False, False, False, 1, False)}) + \
-            len({b for b in gemm2_builds if b[2:] != (False, False, False, 1, False)})
+        kernels = len({b for b in gemm1_builds if b[-1] != kernel_switches(OFF, GEMM1_SWITCHES)}) + \
+            len({b for b in gemm2_builds if b[-1] != kernel_switches(OFF, GEMM2_SWITCHES)})
         if capability:
             row.append(",".join(sorted(families)))
         total[label][0] += layers
