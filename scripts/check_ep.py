@@ -4,8 +4,8 @@ Per shape and M: random tokens routed over all E experts; rank 0 holds experts [
 rank 1 the rest (expert_map.rank_expert_map), each through `fused_experts(..., expert_map=, global_num_experts=E)`. The
 two ranks' outputs summed are checked against the float64 layer (fp8: the emulated
 quantization reference), and rank 0's time is set beside the whole layer's, both with the
-whole layer's configs for that M from the dispatcher (packaged table or default heuristic),
-so that only the experts held differ. CUDA graph of 10 calls, median of 20 replays, three
+whole layer's configs for that M from the dispatcher (the packaged table of the dtype, block
+fp8 included, or the default heuristic), so that only the experts held differ. CUDA graph of 10 calls, median of 20 replays, three
 interleaved rounds; routing and the expert map are built outside the timed region.
 
     python scripts/check_ep.py [--shapes qwen3,deepseek-tp8] [--m 1024,4096,16384]
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,9 +25,10 @@ import torch
 from moetune import fused_experts, get_config, quantize_weights
 from moetune.bench import make_layer_inputs, make_weights
 from moetune.expert_map import rank_expert_map
-from moetune.measure import time_interleaved
-from moetune.quant import fp8_moe_reference, fp8_tolerance
-from moetune.reference import TOLERANCE, moe_reference, relative_error
+from moetune.layer import Fp8Weights
+from moetune.measure import LayerCase, time_interleaved
+from moetune.reference import relative_error
+from moetune.tables import FP8_W8A8
 
 SHAPES = {"qwen3": (128, 8, 2048, 768), "deepseek-tp8": (256, 8, 7168, 256)}  # E, topk, K, N
 BLOCK = [128, 128]
@@ -36,39 +38,29 @@ def measure(shape: str, M: int, dtype: str, device) -> dict:
     E, topk, K, N = SHAPES[shape]
     w1, w2 = make_weights(E, N, K, torch.bfloat16, device, torch.Generator(device=device).manual_seed(0))
     inputs = make_layer_inputs(M, w1, w2, topk, seed=M)
-    x, weights, ids = inputs.x, inputs.topk_weights, inputs.topk_ids
-    selection = get_config(E, N, K, topk, torch.bfloat16, M)
-    fp8 = dtype == "fp8-block"
-    extra = {}
-    if fp8:
+    fp8 = None
+    if dtype == "fp8-block":
         (w1, w1_scale), (w2, w2_scale) = quantize_weights(w1, block_shape=BLOCK), quantize_weights(w2, block_shape=BLOCK)
-        extra = {"block_shape": BLOCK}
-        configs = {"config": selection.gemm1.replace(block_k=min(selection.gemm1.block_k, BLOCK[1])),
-                   "down_config": selection.gemm2.replace(block_k=min(selection.gemm2.block_k, BLOCK[1]))}
-    else:
-        w1_scale = w2_scale = None
-        configs = {"config": selection.gemm1, "down_config": selection.gemm2}
-    configs["variant"] = selection.variant
+        inputs, fp8 = replace(inputs, w1=w1, w2=w2), Fp8Weights(w1_scale, w2_scale, BLOCK)
+    case = LayerCase(inputs, fp8)  # the float64 reference (fp8: the emulated quantization) and tolerance
+    x, weights, ids = inputs.x, inputs.topk_weights, inputs.topk_ids
+    selection = get_config(E, N, K, topk, FP8_W8A8 if fp8 else torch.bfloat16, M,
+                           block_shape=BLOCK if fp8 else None)
+    configs = {"config": selection.gemm1, "down_config": selection.gemm2, "variant": selection.variant}
     half = E // 2
 
     def layer(local=None, expert_map=None):
         own = slice(None) if local is None else local
-        scales = {}
-        if fp8:
-            scales = {"w1_scale": w1_scale[own], "w2_scale": w2_scale[own]}
+        scales = {} if fp8 is None else {"w1_scale": fp8.w1_scale[own], "w2_scale": fp8.w2_scale[own],
+                                         "block_shape": BLOCK}
         return lambda: fused_experts(x, w1[own], w2[own], weights, ids, expert_map=expert_map,
                                      global_num_experts=E if expert_map is not None else None,
-                                     **configs, **scales, **extra)
+                                     **configs, **scales)
 
     whole = layer()
     ranks = [layer(slice(rank * half, (rank + 1) * half), rank_expert_map(half, E, rank=rank, device=device))
              for rank in range(2)]
-    if fp8:
-        reference = fp8_moe_reference(x, w1, w2, w1_scale, w2_scale, weights, ids, block_shape=BLOCK)
-        tolerance = fp8_tolerance(BLOCK)
-    else:
-        reference = moe_reference(x, w1, w2, weights, ids)
-        tolerance = TOLERANCE[torch.bfloat16]
+    reference, tolerance = case.reference, case.tolerance
     summed = ranks[0]().float() + ranks[1]().float()
     error = relative_error(summed, reference)
     whole_error = relative_error(whole(), reference)
