@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import AlignedTokens
 from .launch import launch
-from .quantize import FP8_DTYPE, LiveRows, emulate_fp8_cast, group_block, live_row, quantize_groups, \
+from .quantize import ALL_ROWS, FP8_DTYPE, LiveRows, emulate_fp8_cast, group_block, live_row, quantize_groups, \
     quantize_per_tensor
 
 QUANT_NONE, QUANT_AMAX, QUANT_GROUPS = 0, 1, 2
@@ -130,23 +129,19 @@ def _launch_silu(x: torch.Tensor, out: torch.Tensor, live: LiveRows, *, scales=N
         num_warps=4 if block_n >= 512 else 1)
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, aligned: AlignedTokens | None = None,
-                 num_slots: int = 0, dtype: torch.dtype | None = None, activation: str = "silu",
-                 live: LiveRows | None = None) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+                 activation: str = "silu", live: LiveRows = ALL_ROWS) -> torch.Tensor:
     """x [rows, 2N] -> silu(x[:, :N]) * x[:, N:] (gelu with activation="gelu") as [rows, N]
     in x's dtype (or `dtype`).
 
-    A 3-D x [splits, rows, 2N] is summed over its first dimension first.
-
-    With `aligned`, x's rows are aligned positions (rows >= aligned.sorted_ids.numel()) and
-    only those holding one of the `num_slots` slots are computed; the others of `out` are
-    left as they were. `live` says which rows to compute in any other way (quantize.LiveRows:
-    e.g. slots, skipping those of another rank's experts); it replaces aligned / num_slots.
+    A 3-D x [splits, rows, 2N] is summed over its first dimension first. Only the rows `live`
+    calls live are computed (quantize.LiveRows: aligned positions holding a slot, or slots
+    skipping those of another rank's experts); the others of `out` are left as they were.
     """
     rows, two_n = x.shape[-2:]
     if out is None:
         out = torch.empty(rows, two_n // 2, dtype=dtype or x.dtype, device=x.device)
-    _launch_silu(x, out, live or LiveRows(aligned=aligned, num_slots=num_slots), activation=activation)
+    _launch_silu(x, out, live, activation=activation)
     return out
 
 
