@@ -199,11 +199,12 @@ def csv_columns(result: ShapeResult) -> list[str]:
 
 def csv_rows(result: ShapeResult) -> list[dict]:
     rows = []
-    for row_result, record in zip(result.rows, row_records(result)):
+    for record in row_records(result):
         row = {key: record[key] for key in ("M", "experts_hit", "roofline_us")}
         for name, contender in record["contenders"].items():
             row.update({f"{name}_{suffix}": text(contender[key]) for suffix, key, text in CSV_CONTENDER_FIELDS})
-        rows.append(row | {key: "" if value is None else value for key, value in summary(result, row_result).items()})
+        summed = {key: value for key, value in record.items() if key not in row and key != "contenders"}
+        rows.append(row | {key: "" if value is None else value for key, value in summed.items()})
     return rows
 
 
