@@ -63,7 +63,7 @@ def compile_candidate(request: CompileRequest, config: LaunchConfig) -> list:
     kernel = compile_grouped_gemm(request.dtype, request.geometry, config.to_json(), topk=request.topk,
                                   a_rows_per_slot=request.a_rows_per_slot,
                                   mul_routed_weight=request.mul_routed_weight, atomic_add=request.atomic_add,
-                                  **request.fp8_arguments())
+                                  out_dtype=request.out_dtype, block_shape=request.block_shape)
     return [kernel] if kernel is not None else []
 
 

@@ -66,12 +66,8 @@ class CompileRequest(NamedTuple):
     a_rows_per_slot: int
     mul_routed_weight: bool
     atomic_add: bool
-    out_dtype: torch.dtype | None = None  # fp8: the activations' dtype
+    out_dtype: torch.dtype | None = None  # fp8: the activations' dtype (None: the operands')
     block_shape: tuple[int, int] | None = None  # block fp8
-
-    def fp8_arguments(self) -> dict:
-        """compile_grouped_gemm's fp8 keywords (none unless fp8)."""
-        return {"out_dtype": self.out_dtype, "block_shape": self.block_shape} if self.dtype == FP8_DTYPE else {}
 
 
 def role_compile_request(role: Role, M: int, shape: MoEShape, dtype: torch.dtype, block_size_m: int,
@@ -99,8 +95,8 @@ def role_compile_request(role: Role, M: int, shape: MoEShape, dtype: torch.dtype
     geometry = gemm_geometry(a, weights, out, max_padded_rows(rows, E, block_size_m), topk, atomic_add, fp8=scales)
     # GEMM 1 reads each token's row for all its top-k slots; GEMM 2 weighs by the router weight.
     gemm1 = role is Role.GEMM1
-    request = CompileRequest(a.dtype, geometry, topk, topk if gemm1 else 1, not gemm1, atomic_add)
-    return request._replace(out_dtype=dtype, block_shape=quant.block_shape) if fp8 else request
+    return CompileRequest(a.dtype, geometry, topk, topk if gemm1 else 1, not gemm1, atomic_add,
+                          out_dtype=dtype if fp8 else None, block_shape=quant.block_shape if fp8 else None)
 
 
 def _meta_scales(a: torch.Tensor, weights: torch.Tensor, block_shape: tuple[int, int] | None) -> Fp8Scales:
